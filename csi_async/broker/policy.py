@@ -1,0 +1,196 @@
+"""What a pod may ask of the kernel: the mount option allowlist.
+
+Policy only. Input is hostile: the -o tokens a FUSE program passed to our
+fusermount3, and the mountOptions volume attribute written by the pod's
+author. Output is a FuseMountSpec that the mechanism (csi_async.mount.fuse)
+applies key by key. Option names follow fusermount3 so that programs keep
+working unchanged; see docs/options.md for the table this code implements.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass
+
+from csi_async.mount import syscalls as sc
+from csi_async.mount.fuse import FuseMountSpec
+
+# Per-mount flags a pod may toggle: name -> (bit, set or clear).
+_MOUNT_ATTR_OPTIONS: dict[str, tuple[int, bool]] = {
+    "noexec": (sc.MOUNT_ATTR_NOEXEC, True),
+    "exec": (sc.MOUNT_ATTR_NOEXEC, False),
+    "nodiratime": (sc.MOUNT_ATTR_NODIRATIME, True),
+    "diratime": (sc.MOUNT_ATTR_NODIRATIME, False),
+    "nosymfollow": (sc.MOUNT_ATTR_NOSYMFOLLOW, True),
+    "symfollow": (sc.MOUNT_ATTR_NOSYMFOLLOW, False),
+}
+# The atime modes are one field, the last one given wins.
+_ATIME_OPTIONS = {
+    "noatime": sc.MOUNT_ATTR_NOATIME,
+    "relatime": sc.MOUNT_ATTR_RELATIME,
+    "strictatime": sc.MOUNT_ATTR_STRICTATIME,
+    "atime": sc.MOUNT_ATTR_RELATIME,
+    "norelatime": sc.MOUNT_ATTR_STRICTATIME,
+}
+# Superblock flags the VFS takes from fsconfig for any filesystem:
+# name -> (fsconfig flag to set, or None for "back to the default").
+_SUPERBLOCK_OPTIONS: dict[str, str | None] = {
+    "sync": "sync",
+    "async": None,
+    "dirsync": "dirsync",
+    "lazytime": "lazytime",
+    "nolazytime": None,
+}
+# Always on; accepted so programs that spell them out keep working.
+_ALWAYS_ON = frozenset({"nosuid", "nodev"})
+# Computed by the broker (fd, rootmode, user_id, group_id) or meaningless
+# here; real fusermount3 drops them without a word, and the fuse3 crate and
+# libfuse's newer fallback always send the first four.
+_DROPPED_SILENTLY = frozenset({"fd", "rootmode", "user_id", "group_id", "nonempty", "large_read"})
+# Refused outright, each with the reason the pod's author will read.
+_FORBIDDEN: dict[str, str] = {
+    "suid": "csi-async always mounts nosuid; setuid binaries from a pod's filesystem are refused",
+    "dev": "csi-async always mounts nodev; device nodes from a pod's filesystem are refused",
+    "blkdev": "block-device FUSE (fuseblk) is not available to pods",
+    "blksize": "blksize applies only to block-device FUSE, which is not available to pods",
+    "allow_root": "allow_root is not supported; allow_other is set by the node's policy",
+    "context": "SELinux contexts are set by the kubelet, not by the pod",
+    "fscontext": "SELinux contexts are set by the kubelet, not by the pod",
+    "defcontext": "SELinux contexts are set by the kubelet, not by the pod",
+    "rootcontext": "SELinux contexts are set by the kubelet, not by the pod",
+}
+
+_SUBTYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_MAX_FSNAME = 256
+_MAX_READ_LIMIT = 1 << 30
+
+
+class OptionRefused(Exception):
+    """A mount option that policy does not allow; the message is for the user."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class NodePolicy:
+    """Node-wide mount policy, from the driver's configuration (never from pods)."""
+
+    allow_other: bool = True
+
+
+@dataclass(slots=True)
+class _Draft:
+    read_only: bool = False
+    attrs: int = 0
+    atime: int | None = None
+    sb_flags: dict[str, bool] | None = None
+    max_read: str | None = None
+    fsname: str | None = None
+    subtype: str | None = None
+
+
+def _apply(token: str, draft: _Draft, policy: NodePolicy) -> None:
+    key, has_value, value = token.partition("=")
+    if not key:
+        raise OptionRefused(errno.EINVAL, f"malformed mount option {token!r}")
+    if any(ch in token for ch in "\0\n"):
+        raise OptionRefused(errno.EINVAL, "mount options must not contain NUL or newline")
+    if key.startswith("x-") or key in _DROPPED_SILENTLY:
+        return
+    if key in _FORBIDDEN:
+        raise OptionRefused(errno.EPERM, f"option {token!r} refused: {_FORBIDDEN[key]}")
+    if key == "fsname" and has_value:
+        if not value or len(value) > _MAX_FSNAME or not value.isprintable():
+            raise OptionRefused(errno.EINVAL, f"invalid fsname {value!r}")
+        draft.fsname = value
+        return
+    if key == "subtype" and has_value:
+        if not _SUBTYPE.match(value):
+            raise OptionRefused(errno.EINVAL, f"invalid subtype {value!r}")
+        draft.subtype = value
+        return
+    if key == "max_read" and has_value:
+        if not value.isdigit() or not 0 < int(value) <= _MAX_READ_LIMIT:
+            raise OptionRefused(errno.EINVAL, f"invalid max_read {value!r}")
+        draft.max_read = str(int(value))
+        return
+    if has_value:
+        raise OptionRefused(errno.EINVAL, f"unknown mount option {token!r}")
+    if key == "ro":
+        draft.read_only = True
+    elif key == "rw":
+        draft.read_only = False
+    elif key in _ALWAYS_ON or key in ("default_permissions", "auto_unmount"):
+        # default_permissions is forced with allow_other; auto_unmount is the
+        # helper's job (it stays alive and asks us to unmount).
+        return
+    elif key == "allow_other":
+        if not policy.allow_other:
+            raise OptionRefused(errno.EPERM, "allow_other is disabled by this node's policy")
+    elif key in _MOUNT_ATTR_OPTIONS:
+        bit, on = _MOUNT_ATTR_OPTIONS[key]
+        draft.attrs = (draft.attrs | bit) if on else (draft.attrs & ~bit)
+    elif key in _ATIME_OPTIONS:
+        draft.atime = _ATIME_OPTIONS[key]
+    elif key in _SUPERBLOCK_OPTIONS:
+        flags = draft.sb_flags if draft.sb_flags is not None else {}
+        flag = _SUPERBLOCK_OPTIONS[key]
+        if key in ("async", "nolazytime"):
+            flags.pop("sync" if key == "async" else "lazytime", None)
+        elif flag is not None:
+            flags[flag] = True
+        draft.sb_flags = flags
+    else:
+        raise OptionRefused(errno.EINVAL, f"unknown mount option {token!r}")
+
+
+def check_options(tokens: list[str], policy: NodePolicy) -> None:
+    """Validate options without building a mount (used for volume attributes)."""
+    draft = _Draft()
+    for token in tokens:
+        _apply(token, draft, policy)
+
+
+def plan_mount(
+    *,
+    volume_options: list[str],
+    program_options: list[str],
+    volume_read_only: bool,
+    user_id: int,
+    group_id: int,
+    default_source: str,
+    policy: NodePolicy,
+) -> FuseMountSpec:
+    """Combine the volume's and the program's options into one mount.
+
+    Volume options (from the pod spec) come first and the program's follow,
+    so the program can refine them, except that a read-only volume stays
+    read-only whatever the program says.
+    """
+    draft = _Draft()
+    for token in [*volume_options, *program_options]:
+        _apply(token, draft, policy)
+    flags: list[str] = []
+    if policy.allow_other:
+        # With allow_other, other uids reach the daemon; default_permissions
+        # makes the kernel enforce the file modes it reports.
+        flags += ["allow_other", "default_permissions"]
+    flags += sorted((draft.sb_flags or {}).keys())
+    attrs = draft.attrs
+    if draft.atime is not None:
+        attrs |= draft.atime
+    strings = (("max_read", draft.max_read),) if draft.max_read else ()
+    return FuseMountSpec(
+        source=draft.fsname or draft.subtype or default_source,
+        subtype=draft.subtype,
+        user_id=user_id,
+        group_id=group_id,
+        read_only=volume_read_only or draft.read_only,
+        mount_attrs=attrs,
+        flags=tuple(flags),
+        strings=strings,
+    )

@@ -1,0 +1,332 @@
+"""The fd broker for one published volume.
+
+It listens on the volume's socket for as long as the volume is published and
+answers one request per connection:
+
+- MOUNT: open /dev/fuse, mount FUSE on the volume's kubelet target (the only
+  place this broker ever mounts), and pass the fd back with SCM_RIGHTS.
+  A mount whose daemon died is cleaned away first; a live one answers EBUSY.
+- UNMOUNT: detach the mount this broker made, and nothing else.
+
+Requests from the socket are hostile input; see docs/security.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from csi_async import logs
+from csi_async.broker import framing, sockets, wire
+from csi_async.broker.policy import NodePolicy, OptionRefused, plan_mount
+from csi_async.mount import fuse
+from csi_async.mount.mountinfo import mounts_at
+from csi_async.mount.paths import PinnedRoot
+from fusermount3_proxy import protocol
+from fusermount3_proxy.protocol import MountRequest, UnmountRequest
+
+log = logging.getLogger("csi_async.broker")
+T = TypeVar("T")
+
+# How long a liveness probe of an existing mount may take before a hung
+# daemon is taken to be alive.
+PROBE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeTarget:
+    """Where this volume's FUSE mount goes, relative to the pinned kubelet root."""
+
+    relative: str
+    absolute: str
+    pod_uid: str
+    volume_name: str
+    volume_id: str
+    read_only: bool
+    options: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class ActiveMount:
+    mount_fd: int
+    mount_id: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return Peer(pid, uid, gid)
+
+
+class BrokerError(Exception):
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+
+class VolumeBroker:
+    def __init__(
+        self,
+        *,
+        target: VolumeTarget,
+        kubelet_root: PinnedRoot,
+        bound: sockets.BoundSocket,
+        policy: NodePolicy,
+        mount_timeout: float,
+    ) -> None:
+        self.target = target
+        self._root = kubelet_root
+        self._bound = bound
+        self._policy = policy
+        self._mount_timeout = mount_timeout
+        self._lock = anyio.Lock()
+        self._active: ActiveMount | None = None
+        self._cancel_scope: anyio.CancelScope | None = None
+        self._done = anyio.Event()
+
+    @property
+    def mounted(self) -> ActiveMount | None:
+        return self._active
+
+    # ------------------------------------------------------------------ serving
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept connections until close(); each one is handled in its own task."""
+        try:
+            with anyio.CancelScope() as scope:
+                self._cancel_scope = scope
+                task_status.started()
+                async with anyio.create_task_group() as tg:
+                    while True:
+                        await anyio.wait_readable(self._bound.sock)
+                        try:
+                            conn, _ = self._bound.sock.accept()
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError as err:
+                            if err.errno in (errno.EMFILE, errno.ENFILE):
+                                # Out of fds: back off instead of spinning.
+                                await anyio.sleep(0.1)
+                                continue
+                            raise
+                        conn.setblocking(False)
+                        tg.start_soon(self._handle, conn)
+        finally:
+            self._done.set()
+
+    async def _stop_serving(self) -> None:
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+            await self._done.wait()
+
+    async def stop_listening(self) -> None:
+        """Driver shutdown: stop accepting; mounts stay with their daemons."""
+        await self._stop_serving()
+        sockets.close(self._bound)
+
+    async def close(self) -> None:
+        """Unpublish: stop listening, remove the socket, unmount what we mounted."""
+        await self._stop_serving()
+        sockets.remove(self._bound)
+        async with self._lock:
+            await self._detach_all()
+
+    # ------------------------------------------------------------------ one connection
+
+    async def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            peer = peer_of(conn)
+            started = time.monotonic()
+            op = "?"
+            try:
+                body = await framing.read_request_body(conn, protocol.READ_TIMEOUT)
+                request = wire.parse_request(body)
+                op = request["op"]
+                async with self._lock:
+                    if request["op"] == "mount":
+                        await self._mount(conn, request, peer)
+                    else:
+                        await self._unmount(conn, request)
+                self._audit(op, peer, started, 0, "allowed")
+            except (framing.FramingError, wire.BadRequest) as err:
+                await self._refuse(conn, errno.EPROTO, str(err))
+                self._audit(op, peer, started, errno.EPROTO, "refused", str(err))
+            except protocol.ProtocolError as err:
+                await self._refuse(conn, errno.EPROTO, str(err))
+                self._audit(op, peer, started, errno.EPROTO, "refused", str(err))
+            except BrokerError as err:
+                await self._refuse(conn, err.errno, err.message)
+                self._audit(op, peer, started, err.errno, "refused", err.message)
+            except OSError as err:
+                # Unexpected kernel errors are reported, never swallowed: the
+                # FUSE program shows the message to its user.
+                message = f"mount failed: {os.strerror(err.errno or errno.EIO)}"
+                await self._refuse(conn, err.errno or errno.EIO, message)
+                self._audit(op, peer, started, err.errno or errno.EIO, "failed", message)
+
+    async def _refuse(self, conn: socket.socket, err: int, message: str) -> None:
+        try:
+            await framing.send_frame(
+                conn, wire.response_frame(ok=False, errno=err, message=message), None, 1.0
+            )
+        except (OSError, TimeoutError):
+            pass  # the peer is gone; nothing left to tell it
+
+    def _audit(
+        self, op: str, peer: Peer, started: float, err: int, decision: str, detail: str = ""
+    ) -> None:
+        logs.log(
+            log,
+            logging.INFO if decision == "allowed" else logging.WARNING,
+            f"broker {op} {decision}",
+            op=op,
+            decision=decision,
+            errno=err,
+            detail=detail,
+            **{
+                logs.VOLUME_ID: self.target.volume_id,
+                logs.TARGET: self.target.absolute,
+                logs.POD_UID: self.target.pod_uid,
+                logs.PEER_PID: peer.pid,
+                logs.PEER_UID: peer.uid,
+                logs.PEER_GID: peer.gid,
+                logs.DURATION_MS: round((time.monotonic() - started) * 1000, 3),
+            },
+        )
+
+    # ------------------------------------------------------------------ MOUNT
+
+    async def _mount(self, conn: socket.socket, request: MountRequest, peer: Peer) -> None:
+        await self._clear_dead_mount()
+        try:
+            spec = plan_mount(
+                volume_options=list(self.target.options),
+                program_options=request["options"],
+                volume_read_only=self.target.read_only,
+                user_id=peer.uid,
+                group_id=peer.gid,
+                default_source=self.target.volume_name,
+                policy=self._policy,
+            )
+        except OptionRefused as err:
+            raise BrokerError(err.errno, err.message) from None
+        made = await self._blocking(lambda: self._mount_on_target(spec))
+        try:
+            frame = wire.response_frame(ok=True, mount_id=made.mount_id)
+            await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
+        except (OSError, TimeoutError):
+            # The program never got the fd: a mount nobody serves would hang
+            # every reader, so take it down again.
+            await self._blocking(lambda: _detach_and_close(made.mount_fd))
+            raise
+        finally:
+            os.close(made.fuse_fd)
+        self._active = ActiveMount(made.mount_fd, made.mount_id, peer.uid, peer.gid)
+
+    def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
+        if mounts_at(self.target.absolute):
+            raise BrokerError(
+                errno.EBUSY, f"{self.target.absolute} already has a mount this broker did not make"
+            )
+        target_fd = self._root.open_dir(self.target.relative)
+        try:
+            return fuse.mount_fuse(target_fd, self.target.absolute, spec)
+        finally:
+            os.close(target_fd)
+
+    async def _clear_dead_mount(self) -> None:
+        active = self._active
+        if active is None:
+            return
+        dead = await anyio.to_thread.run_sync(
+            lambda: fuse.connection_is_dead(
+                active.mount_fd, active.uid, active.gid, not self._policy.allow_other, PROBE_TIMEOUT
+            )
+        )
+        if not dead:
+            raise BrokerError(
+                errno.EBUSY,
+                "the volume is already mounted and its FUSE daemon is still running "
+                "(unmount it first with fusermount3 -u)",
+            )
+        # The daemon died: clean its dead mount and let this request mount anew.
+        await self._blocking(lambda: _detach_and_close(active.mount_fd))
+        self._active = None
+
+    # ------------------------------------------------------------------ UNMOUNT
+
+    async def _unmount(self, conn: socket.socket, request: UnmountRequest) -> None:
+        active = self._active
+        if active is None or (
+            request["mount_id"] is not None and request["mount_id"] != active.mount_id
+        ):
+            raise BrokerError(errno.EINVAL, f"entry for {request['mountpoint']} not found")
+        await self._blocking(lambda: _detach_and_close(active.mount_fd))
+        self._active = None
+        await framing.send_frame(
+            conn,
+            wire.response_frame(ok=True, mount_id=active.mount_id),
+            None,
+            protocol.READ_TIMEOUT,
+        )
+
+    async def _detach_all(self) -> None:
+        active, self._active = self._active, None
+        if active is not None:
+            await self._blocking(lambda: _detach_and_close(active.mount_fd))
+        await self._blocking(self._detach_leftovers)
+
+    def _detach_leftovers(self) -> None:
+        """Detach FUSE mounts at the target that no fd of ours pins (e.g. from
+        before a driver restart). Bounded: each pass removes the top mount."""
+        parent, _, name = self.target.relative.rpartition("/")
+        for _ in range(16):
+            stacked = [m for m in mounts_at(self.target.absolute) if m.is_fuse]
+            if not stacked:
+                return
+            parent_fd = self._root.open_dir(parent)
+            try:
+                fuse.detach_path(parent_fd, name)
+            finally:
+                os.close(parent_fd)
+
+    async def _blocking(self, fn: Callable[[], T]) -> T:
+        """Run a syscall that may touch a FUSE connection off the event loop."""
+        try:
+            with anyio.fail_after(self._mount_timeout):
+                return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        except TimeoutError:
+            raise BrokerError(errno.ETIMEDOUT, "the kernel mount call timed out") from None
+
+
+def _detach_and_close(mount_fd: int) -> None:
+    try:
+        fuse.detach_mount(mount_fd)
+    except OSError as err:
+        # EINVAL: already detached (e.g. by a lazy unmount from elsewhere).
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(mount_fd)

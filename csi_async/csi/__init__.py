@@ -1,0 +1,1 @@
+"""The CSI gRPC surface: Identity and Node services on grpclib."""

@@ -1,0 +1,191 @@
+"""Kernel-side FUSE and bind mounts, done with the new mount API.
+
+Mechanism only: callers (the broker) decide what is allowed and hand over a
+fully-built FuseMountSpec. Everything here blocks and may touch a FUSE
+connection, so it runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+
+from csi_async.mount import syscalls as sc
+from csi_async.mount.mountinfo import mounts_at
+
+FUSE_DEVICE = "/dev/fuse"
+# The misc-device number of /dev/fuse. Checked so that a replaced device node
+# cannot make us hand out (and mount with) some other character device.
+FUSE_DEVICE_NUMBER = os.makedev(10, 229)
+
+
+@dataclass(frozen=True, slots=True)
+class FuseMountSpec:
+    """Everything the kernel is told about one FUSE mount."""
+
+    source: str
+    subtype: str | None
+    user_id: int
+    group_id: int
+    read_only: bool
+    # MOUNT_ATTR_* bits on top of the always-on NOSUID|NODEV.
+    mount_attrs: int = 0
+    # fsconfig(FSCONFIG_SET_FLAG) keys, e.g. allow_other, default_permissions.
+    flags: tuple[str, ...] = ()
+    # fsconfig(FSCONFIG_SET_STRING) pairs, e.g. ("max_read", "131072").
+    strings: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def fstype(self) -> str:
+        return f"fuse.{self.subtype}" if self.subtype else "fuse"
+
+
+@dataclass(slots=True)
+class FuseMount:
+    """A FUSE mount made by mount_fuse.
+
+    fuse_fd is the caller's to deliver and close; mount_fd pins the mount so
+    liveness probes and unmounts address exactly this mount.
+    """
+
+    fuse_fd: int
+    mount_fd: int
+    mount_id: int
+    major: int
+    minor: int
+
+
+def open_fuse_device() -> int:
+    fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_DEVICE_NUMBER:
+        os.close(fd)
+        raise OSError(errno.ENODEV, f"{FUSE_DEVICE} is not the FUSE device")
+    return fd
+
+
+def mount_fuse(target_fd: int, target_path: str, spec: FuseMountSpec) -> FuseMount:
+    """Open /dev/fuse and mount a new FUSE filesystem onto a pinned directory.
+
+    target_fd must be an O_PATH directory fd obtained by a no-symlink walk;
+    the mount lands on that inode whatever happens to the path meanwhile.
+    target_path is only used to find the new mount's id in mountinfo.
+    """
+    fuse_fd = open_fuse_device()
+    fs_fd = mount_fd = -1
+    try:
+        fs_fd = sc.fsopen("fuse")
+        # Each key goes in separately: no option string is ever assembled, so
+        # no value can smuggle a second "fd=" (or anything else) past policy.
+        sc.fsconfig_set_string(fs_fd, "source", spec.source)
+        if spec.subtype:
+            sc.fsconfig_set_string(fs_fd, "subtype", spec.subtype)
+        sc.fsconfig_set_string(fs_fd, "fd", str(fuse_fd))
+        sc.fsconfig_set_string(fs_fd, "rootmode", "40000")
+        sc.fsconfig_set_string(fs_fd, "user_id", str(spec.user_id))
+        sc.fsconfig_set_string(fs_fd, "group_id", str(spec.group_id))
+        for key in spec.flags:
+            sc.fsconfig_set_flag(fs_fd, key)
+        for key, value in spec.strings:
+            sc.fsconfig_set_string(fs_fd, key, value)
+        if spec.read_only:
+            sc.fsconfig_set_flag(fs_fd, "ro")
+        sc.fsconfig_create(fs_fd)
+        attrs = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | spec.mount_attrs
+        if spec.read_only:
+            attrs |= sc.MOUNT_ATTR_RDONLY
+        mount_fd = sc.fsmount(fs_fd, attrs)
+        sc.move_mount_onto_fd(mount_fd, target_fd)
+        entry = _topmost_mount(target_path)
+        return FuseMount(fuse_fd, mount_fd, entry[0], entry[1], entry[2])
+    except BaseException:
+        if mount_fd >= 0:
+            _detach_fd(mount_fd)
+            os.close(mount_fd)
+        os.close(fuse_fd)
+        raise
+    finally:
+        if fs_fd >= 0:
+            os.close(fs_fd)
+
+
+def _topmost_mount(path: str) -> tuple[int, int, int]:
+    stacked = mounts_at(path)
+    if not stacked:
+        raise OSError(errno.EIO, f"mount at {path} vanished right after it was made")
+    top = stacked[-1]
+    return top.mount_id, top.major, top.minor
+
+
+def _detach_fd(mount_fd: int) -> None:
+    try:
+        sc.umount2(f"/proc/self/fd/{mount_fd}", sc.MNT_DETACH)
+    except OSError:
+        pass  # not attached yet: closing the fd releases a detached mount
+
+
+def detach_mount(mount_fd: int) -> None:
+    """Lazily unmount exactly the mount a pinned mount fd refers to.
+
+    Going through the fd (not the path) means a mount stacked on top, or a
+    path swapped meanwhile, can never redirect the unmount elsewhere.
+    """
+    sc.umount2(f"/proc/self/fd/{mount_fd}", sc.MNT_DETACH)
+
+
+def detach_path(parent_fd: int, name: str) -> None:
+    """Lazily unmount whatever is mounted on name inside a pinned directory.
+
+    UMOUNT_NOFOLLOW keeps a symlink planted at `name` from redirecting us.
+    """
+    sc.umount2(f"/proc/self/fd/{parent_fd}/{name}", sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
+
+
+def bind_read_only(source_dir_fd: int, target_fd: int) -> None:
+    """Bind a directory read-only (and nosuid,nodev,noexec) onto a pinned target."""
+    clone_fd = sc.open_tree_clone(source_dir_fd)
+    try:
+        sc.mount_setattr(
+            clone_fd,
+            sc.MOUNT_ATTR_RDONLY
+            | sc.MOUNT_ATTR_NOSUID
+            | sc.MOUNT_ATTR_NODEV
+            | sc.MOUNT_ATTR_NOEXEC,
+        )
+        sc.move_mount_onto_fd(clone_fd, target_fd)
+    finally:
+        os.close(clone_fd)
+
+
+def connection_is_dead(mount_fd: int, uid: int, gid: int, as_owner: bool, timeout: float) -> bool:
+    """Whether the FUSE daemon behind a mount is gone (ENOTCONN).
+
+    A statfs on a dead connection fails at once with ENOTCONN. On a live one
+    it is a request to the daemon, so it runs in a throw-away thread that we
+    stop waiting for after `timeout`: a hung daemon counts as alive. Without
+    allow_other the kernel answers only the mount owner, so the thread first
+    takes the owner's uid/gid (the thread's own credentials, not the process's).
+    """
+    outcome: list[bool] = []
+    # The thread gets its own duplicate: if it outlives the timeout, closing
+    # mount_fd later cannot leave it holding a recycled fd number.
+    probe_fd = os.dup(mount_fd)
+
+    def probe() -> None:
+        try:
+            if as_owner:
+                sc.thread_setresids(uid, gid)
+            os.fstatvfs(probe_fd)
+            outcome.append(False)
+        except OSError as err:
+            outcome.append(err.errno in (errno.ENOTCONN, errno.ECONNABORTED))
+        finally:
+            os.close(probe_fd)
+
+    thread = threading.Thread(target=probe, name="fuse-liveness-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(outcome and outcome[0])

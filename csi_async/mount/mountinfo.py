@@ -1,0 +1,77 @@
+"""Read the kernel's mount table.
+
+"Is something mounted here?" is always answered from /proc/self/mountinfo,
+never by stat()ing the path: a stat on a FUSE mount is a request to a daemon
+that may be hung or hostile.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    # The kernel escapes space, tab, newline and backslash as \ooo.
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    mount_options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @property
+    def is_fuse(self) -> bool:
+        return self.fstype == "fuse" or self.fstype.startswith("fuse.")
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.mount_options
+
+
+def parse_line(line: str) -> MountEntry:
+    fields = line.split()
+    separator = fields.index("-")
+    major, minor = fields[2].split(":")
+    return MountEntry(
+        mount_id=int(fields[0]),
+        parent_id=int(fields[1]),
+        major=int(major),
+        minor=int(minor),
+        root=_unescape(fields[3]),
+        mount_point=_unescape(fields[4]),
+        mount_options=tuple(fields[5].split(",")),
+        fstype=fields[separator + 1],
+        source=_unescape(fields[separator + 2]),
+        super_options=tuple(fields[separator + 3].split(",")),
+    )
+
+
+def read_mountinfo(pid: str = "self") -> list[MountEntry]:
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [parse_line(line) for line in f if line.strip()]
+
+
+def mounts_at(path: str, table: list[MountEntry] | None = None) -> list[MountEntry]:
+    """Every mount whose mount point is exactly `path`, bottom first."""
+    entries = read_mountinfo() if table is None else table
+    return [e for e in entries if e.mount_point == path]
+
+
+def find_mount(mount_id: int, table: list[MountEntry] | None = None) -> MountEntry | None:
+    entries = read_mountinfo() if table is None else table
+    for entry in entries:
+        if entry.mount_id == mount_id:
+            return entry
+    return None

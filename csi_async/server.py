@@ -1,0 +1,102 @@
+"""The driver process: one event loop serving gRPC and every volume's broker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import anyio
+from grpclib.server import Server
+
+from csi_async import __version__, logs
+from csi_async.broker.policy import NodePolicy
+from csi_async.config import Settings
+from csi_async.csi import unimplemented
+from csi_async.csi.identity import IdentityService
+from csi_async.csi.node import NodeService
+from csi_async.csi.rpc import in_flight
+from csi_async.volumes import VolumeManager
+
+log = logging.getLogger("csi_async.server")
+
+# How long SIGTERM waits for running RPCs before cancelling them.
+DRAIN_TIMEOUT = 30.0
+
+
+def _bind_endpoint(path: str) -> socket.socket:
+    """Listen on the CSI socket, replacing a stale one from a previous run."""
+    endpoint = Path(path)
+    endpoint.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(endpoint.lstat().st_mode):
+            endpoint.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Only root (kubelet, the registrar) may talk to the CSI socket.
+    previous = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
+    return sock
+
+
+async def serve(settings: Settings) -> None:
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.state_dir.chmod(0o700)
+    policy = NodePolicy(allow_other=settings.allow_other)
+    ready = False
+
+    async with anyio.create_task_group() as tg:
+        volumes = VolumeManager(
+            kubelet_root=settings.kubelet_root,
+            state_dir=settings.state_dir,
+            policy=policy,
+            mount_timeout=settings.mount_timeout,
+            task_group=tg,
+        )
+        server = Server(
+            [
+                IdentityService(settings.driver_name, lambda: ready),
+                NodeService(node_id=settings.node_id, volumes=volumes, policy=policy),
+            ]
+        )
+        unimplemented.install(server)
+        sock = _bind_endpoint(settings.socket_path)
+        await server.start(sock=sock)
+        ready = True
+        logs.log(
+            log,
+            logging.INFO,
+            "serving",
+            endpoint=settings.endpoint,
+            driver_name=settings.driver_name,
+            node_id=settings.node_id,
+            kubelet_root=str(settings.kubelet_root),
+            version=__version__,
+        )
+
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logs.log(log, logging.INFO, "shutting down", signal=signal.Signals(signum).name)
+                break
+
+        ready = False
+        # Stop accepting connections, let running RPCs finish, then close.
+        server._server.close()  # type: ignore[union-attr]
+        with anyio.move_on_after(DRAIN_TIMEOUT):
+            await in_flight.drained()
+        server.close()
+        await server.wait_closed()
+        try:
+            os.unlink(settings.socket_path)
+        except FileNotFoundError:
+            pass
+        await volumes.close()
+        tg.cancel_scope.cancel()
+    logs.log(log, logging.INFO, "stopped")

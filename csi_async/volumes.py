@@ -1,0 +1,302 @@
+"""Published volumes: what NodePublishVolume / NodeUnpublishVolume set up and tear down.
+
+Two kinds of volume:
+- a FUSE volume: the target directory the FUSE filesystem will be mounted
+  on, plus a broker socket where the pod's FUSE program asks for the mount;
+- a socket volume (native mode, volumeAttributes.socketFor): a read-only
+  bind of the broker-owned directory holding that FUSE volume's socket.
+
+The socket lives either in that broker-owned directory (native mode, the
+default) or in the pod's emptyDir (meta-fuse-csi-plugin compatibility).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from csi_async.broker import sockets
+from csi_async.broker.policy import NodePolicy
+from csi_async.broker.volume_broker import VolumeBroker, VolumeTarget
+from csi_async.csi.requests import PublishSpec, TargetPath
+from csi_async.mount import fuse
+from csi_async.mount.mountinfo import mounts_at
+from csi_async.mount.paths import PinnedRoot, make_directory, open_child_dir, remove_directory
+
+log = logging.getLogger("csi_async.volumes")
+
+NATIVE_SOCKET_NAME = "fuse.sock"
+TARGET_MODE = 0o750
+SOCKET_DIR_MODE = 0o755
+
+
+class VolumeBusy(Exception):
+    """Another operation on the same target is in progress (ABORTED)."""
+
+
+class VolumeConflict(Exception):
+    """Already published at this target with other arguments (ALREADY_EXISTS)."""
+
+
+class PublishFailed(Exception):
+    """The node cannot set the volume up right now (FAILED_PRECONDITION)."""
+
+
+@dataclass(slots=True)
+class Published:
+    spec: PublishSpec
+    broker: VolumeBroker | None = None
+
+
+class VolumeManager:
+    def __init__(
+        self,
+        *,
+        kubelet_root: Path,
+        state_dir: Path,
+        policy: NodePolicy,
+        mount_timeout: float,
+        task_group: anyio.abc.TaskGroup,
+    ) -> None:
+        self._root = PinnedRoot(str(kubelet_root))
+        self._socket_root = state_dir / "sockets"
+        self._policy = policy
+        self._mount_timeout = mount_timeout
+        self._tg = task_group
+        self._volumes: dict[str, Published] = {}
+        self._busy: set[str] = set()
+
+    @property
+    def kubelet_root(self) -> str:
+        return self._root.path
+
+    def published(self) -> dict[str, Published]:
+        return dict(self._volumes)
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(self, spec: PublishSpec) -> None:
+        key = spec.target.absolute
+        with self._claim(key):
+            existing = self._volumes.get(key)
+            if existing is not None:
+                if existing.spec.fingerprint != spec.fingerprint:
+                    raise VolumeConflict(
+                        f"volume is already published at {key} with different arguments"
+                    )
+                return
+            # Shielded: a kubelet deadline must not leave half a volume behind.
+            with anyio.CancelScope(shield=True):
+                self._volumes[key] = await self._set_up(spec)
+
+    async def _set_up(self, spec: PublishSpec) -> Published:
+        target_created = await anyio.to_thread.run_sync(self._make_target, spec.target)
+        try:
+            if spec.kind == "socket":
+                await anyio.to_thread.run_sync(self._bind_socket_dir, spec)
+                return Published(spec)
+            broker = await self._start_broker(spec)
+            return Published(spec, broker)
+        except BaseException:
+            if target_created:
+                await anyio.to_thread.run_sync(self._remove_target, spec.target)
+            raise
+
+    def _make_target(self, target: TargetPath) -> bool:
+        try:
+            parent_fd = self._root.open_dir(target.parent_relative)
+        except FileNotFoundError:
+            raise PublishFailed(
+                f"the parent of {target.absolute} does not exist (kubelet creates it)"
+            ) from None
+        try:
+            created = make_directory(parent_fd, "mount", TARGET_MODE)
+            if mounts_at(target.absolute):
+                raise PublishFailed(
+                    f"{target.absolute} already has a mount this driver did not make"
+                )
+            os.close(open_child_dir(parent_fd, "mount"))  # a directory, not a symlink
+            return created
+        finally:
+            os.close(parent_fd)
+
+    def _remove_target(self, target: TargetPath) -> None:
+        if mounts_at(target.absolute):
+            return  # never remove a directory something is still mounted on
+        try:
+            parent_fd = self._root.open_dir(target.parent_relative)
+        except FileNotFoundError:
+            return
+        try:
+            remove_directory(parent_fd, "mount")
+        finally:
+            os.close(parent_fd)
+
+    # ------------------------------------------------------------------ sockets
+
+    def _native_socket_dir(self, pod_uid: str, volume_name: str) -> Path:
+        return self._socket_root / pod_uid / volume_name
+
+    def _ensure_native_socket_dir(self, pod_uid: str, volume_name: str) -> int:
+        # The state dir is broker-owned and unreachable from pods (0700), and
+        # pod_uid / volume_name are validated as a UUID and a DNS label.
+        path = self._native_socket_dir(pod_uid, volume_name)
+        path.parent.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.parent.mkdir(mode=0o711, exist_ok=True)
+        path.parent.mkdir(mode=0o711, exist_ok=True)
+        path.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _bind_socket_dir(self, spec: PublishSpec) -> None:
+        assert spec.attributes.socket_for is not None
+        source_fd = self._ensure_native_socket_dir(spec.target.pod_uid, spec.attributes.socket_for)
+        try:
+            target_fd = self._root.open_dir(spec.target.relative)
+            try:
+                fuse.bind_read_only(source_fd, target_fd)
+            finally:
+                os.close(target_fd)
+        finally:
+            os.close(source_fd)
+
+    def _open_socket_dir(self, spec: PublishSpec) -> int:
+        attrs = spec.attributes
+        if attrs.fd_passing_empty_dir_name is None:
+            return self._ensure_native_socket_dir(spec.target.pod_uid, spec.target.volume_name)
+        # meta-fuse mode: the pod's own emptyDir, which the pod can write to.
+        # The walk refuses symlinks anywhere, and the name is a single
+        # validated component, so no traversal reaches another pod.
+        relative = (
+            f"pods/{spec.target.pod_uid}/volumes/kubernetes.io~empty-dir/"
+            f"{attrs.fd_passing_empty_dir_name}"
+        )
+        try:
+            return self._root.open_dir(relative, cross_mounts=True)
+        except FileNotFoundError:
+            raise PublishFailed(
+                f"emptyDir volume {attrs.fd_passing_empty_dir_name!r} named by "
+                "fdPassingEmptyDirName does not exist in this pod"
+            ) from None
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                raise PublishFailed(
+                    f"emptyDir {attrs.fd_passing_empty_dir_name!r} is not a plain directory"
+                ) from None
+            raise
+
+    async def _start_broker(self, spec: PublishSpec) -> VolumeBroker:
+        def bind() -> sockets.BoundSocket:
+            dir_fd = self._open_socket_dir(spec)
+            name = spec.attributes.fd_passing_socket_name or NATIVE_SOCKET_NAME
+            try:
+                return sockets.listen_in(dir_fd, name)
+            except FileExistsError as err:
+                os.close(dir_fd)
+                raise PublishFailed(f"cannot create the broker socket: {err}") from None
+            except BaseException:
+                os.close(dir_fd)
+                raise
+
+        bound = await anyio.to_thread.run_sync(bind)
+        broker = VolumeBroker(
+            target=VolumeTarget(
+                relative=spec.target.relative,
+                absolute=spec.target.absolute,
+                pod_uid=spec.target.pod_uid,
+                volume_name=spec.target.volume_name,
+                volume_id=spec.volume_id,
+                read_only=spec.read_only,
+                options=spec.mount_options,
+            ),
+            kubelet_root=self._root,
+            bound=bound,
+            policy=self._policy,
+            mount_timeout=self._mount_timeout,
+        )
+        await self._tg.start(broker.serve)
+        return broker
+
+    # ------------------------------------------------------------------ unpublish
+
+    async def unpublish(self, target: TargetPath) -> None:
+        key = target.absolute
+        with self._claim(key), anyio.CancelScope(shield=True):
+            published = self._volumes.get(key)
+            if published is not None:
+                await self._tear_down(published)
+                del self._volumes[key]
+            await anyio.to_thread.run_sync(self._detach_any_and_remove_target, target)
+
+    async def _tear_down(self, published: Published) -> None:
+        spec = published.spec
+        if published.broker is not None:
+            await published.broker.close()
+        await anyio.to_thread.run_sync(self._prune_native_dirs, spec)
+
+    def _detach_any_and_remove_target(self, target: TargetPath) -> None:
+        # Whatever is still mounted at the target (a socket-dir bind, or a
+        # FUSE mount left from before a restart) is detached, never walked.
+        for _ in range(16):
+            if not mounts_at(target.absolute):
+                break
+            parent_fd = self._root.open_dir(target.parent_relative)
+            try:
+                fuse.detach_path(parent_fd, "mount")
+            finally:
+                os.close(parent_fd)
+        self._remove_target(target)
+
+    def _prune_native_dirs(self, spec: PublishSpec) -> None:
+        """Remove a native socket dir once neither of its two volumes needs it."""
+        owner = spec.attributes.socket_for or spec.target.volume_name
+        if spec.kind == "fuse" and spec.attributes.fd_passing_empty_dir_name is not None:
+            return
+        for other in self._volumes.values():
+            o = other.spec
+            if o is spec or o.target.pod_uid != spec.target.pod_uid:
+                continue
+            if (o.attributes.socket_for or o.target.volume_name) == owner:
+                return  # the other half is still published
+        path = self._native_socket_dir(spec.target.pod_uid, owner)
+        for directory in (path, path.parent):
+            try:
+                directory.rmdir()
+            except OSError:
+                return
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """Stop every broker listener; mounts stay (their daemons hold them)."""
+        for published in self._volumes.values():
+            if published.broker is not None:
+                await published.broker.stop_listening()
+        self._root.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _claim(self, key: str) -> _Claim:
+        return _Claim(self._busy, key)
+
+
+class _Claim:
+    """A try-lock per target path: CSI expects ABORTED, not queueing."""
+
+    def __init__(self, busy: set[str], key: str) -> None:
+        self._busy = busy
+        self._key = key
+
+    def __enter__(self) -> None:
+        if self._key in self._busy:
+            raise VolumeBusy(f"an operation on {self._key} is already in progress")
+        self._busy.add(self._key)
+
+    def __exit__(self, *exc: object) -> None:
+        self._busy.discard(self._key)
