@@ -50,9 +50,8 @@ class ProtocolError(Exception):
     """A frame that does not follow this protocol."""
 
 
-# The TypedDicts below are the schema. pydantic reads __pydantic_config__ on
-# the broker side, so unknown keys and type coercion are refused there.
-_STRICT = {"extra": "forbid", "strict": True}
+# The TypedDicts below are the schema. The broker derives strict pydantic
+# models from them (unknown keys and type coercion are refused there).
 
 
 class MountRequest(TypedDict):
@@ -87,14 +86,12 @@ class Response(TypedDict):
     errno: int
     # Human-readable, shown on the FUSE program's stderr after "argv[0]: ".
     message: str
-    # The mount id (as in /proc/self/mountinfo) of the mount made or found.
+    # The broker's id for the mount made (never reused, unlike the kernel's
+    # mount ids); an UnmountRequest may name it.
     mount_id: int | None
 
 
 Request = MountRequest | UnmountRequest
-
-for _schema in (MountRequest, UnmountRequest, Response):
-    _schema.__pydantic_config__ = _STRICT  # type: ignore[attr-defined]
 
 
 def encode_frame(kind: int, body: object) -> bytes:

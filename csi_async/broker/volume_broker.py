@@ -14,6 +14,7 @@ Requests from the socket are hostile input; see docs/security.md.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -39,6 +40,11 @@ from fusermount3_proxy.protocol import MountRequest, UnmountRequest
 log = logging.getLogger("csi_async.broker")
 T = TypeVar("T")
 
+# Ids handed to clients for the mounts we make. Kernel mount ids are reused
+# as soon as a mount is gone, so a stale auto-unmount watcher could name a
+# fresh mount; these never repeat (seeded from the clock across restarts).
+_mount_tokens = itertools.count(time.time_ns() // 1000)
+
 # How long a liveness probe of an existing mount may take before a hung
 # daemon is taken to be alive.
 PROBE_TIMEOUT = 2.0
@@ -60,7 +66,10 @@ class VolumeTarget:
 @dataclass(slots=True)
 class ActiveMount:
     mount_fd: int
-    mount_id: int
+    # What the client knows this mount by (see _mount_tokens).
+    token: int
+    # The kernel's id, for logs and mountinfo lookups.
+    kernel_mount_id: int
     uid: int
     gid: int
 
@@ -233,8 +242,9 @@ class VolumeBroker:
         except OptionRefused as err:
             raise BrokerError(err.errno, err.message) from None
         made = await self._blocking(lambda: self._mount_on_target(spec))
+        token = next(_mount_tokens)
         try:
-            frame = wire.response_frame(ok=True, mount_id=made.mount_id)
+            frame = wire.response_frame(ok=True, mount_id=token)
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
         except (OSError, TimeoutError):
             # The program never got the fd: a mount nobody serves would hang
@@ -243,7 +253,7 @@ class VolumeBroker:
             raise
         finally:
             os.close(made.fuse_fd)
-        self._active = ActiveMount(made.mount_fd, made.mount_id, peer.uid, peer.gid)
+        self._active = ActiveMount(made.mount_fd, token, made.mount_id, peer.uid, peer.gid)
 
     def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
         if mounts_at(self.target.absolute):
@@ -280,14 +290,14 @@ class VolumeBroker:
     async def _unmount(self, conn: socket.socket, request: UnmountRequest) -> None:
         active = self._active
         if active is None or (
-            request["mount_id"] is not None and request["mount_id"] != active.mount_id
+            request["mount_id"] is not None and request["mount_id"] != active.token
         ):
             raise BrokerError(errno.EINVAL, f"entry for {request['mountpoint']} not found")
         await self._blocking(lambda: _detach_and_close(active.mount_fd))
         self._active = None
         await framing.send_frame(
             conn,
-            wire.response_frame(ok=True, mount_id=active.mount_id),
+            wire.response_frame(ok=True, mount_id=active.token),
             None,
             protocol.READ_TIMEOUT,
         )
