@@ -135,7 +135,13 @@ class VolumeManager:
         except FileNotFoundError:
             return
         try:
-            remove_directory(parent_fd, "mount")
+            if not remove_directory(parent_fd, "mount"):
+                # Files were written into the bare directory (e.g. while
+                # nothing was mounted). Keep them; kubelet reports the leftover.
+                log.warning(
+                    "target directory is not empty; leaving it in place",
+                    extra={"fields": {"target_path": target.absolute}},
+                )
         finally:
             os.close(parent_fd)
 

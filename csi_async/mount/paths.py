@@ -63,13 +63,21 @@ def open_child_dir(parent_fd: int, name: str) -> int:
     return sc.openat2(parent_fd, name, _DIR_FLAGS, sc.RESOLVE_STRICT)
 
 
-def remove_directory(parent_fd: int, name: str) -> None:
-    """rmdir only: an unexpected mount or leftover file makes this fail, and
-    nothing a user wrote is ever deleted."""
+def remove_directory(parent_fd: int, name: str) -> bool:
+    """rmdir only: nothing a user wrote is ever deleted.
+
+    Returns False (and leaves the directory) if it is not empty or still
+    busy; True if it is gone.
+    """
     try:
         os.rmdir(name, dir_fd=parent_fd)
     except FileNotFoundError:
         pass
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EBUSY):
+            return False
+        raise
+    return True
 
 
 def entry_kind(parent_fd: int, name: str) -> int | None:

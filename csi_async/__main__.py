@@ -1,0 +1,3 @@
+from csi_async.cli import main
+
+main()
