@@ -118,7 +118,7 @@ def fuse_examples() -> Path:
 
 
 def _status(text: str) -> dict[str, str]:
-    return dict(re.findall(r"^(\w+):\s*(.*)$", text, re.MULTILINE))
+    return dict(re.findall(r"^(\w+):[ \t]*(.*)$", text, re.MULTILINE))
 
 
 # ------------------------------------------------------------------ KubeletRoot
@@ -178,7 +178,7 @@ def test_kubelet_root_csi_socket_path() -> None:
 def test_sandbox_user_capabilities_and_pid_namespace(stand_in: Path) -> None:
     with PodSandbox({}, stand_in) as sandbox:
         result = sandbox.run(
-            ["/bin/sh", "-c", "echo pid=$$; cat /proc/self/status; ls /proc"],
+            ["/bin/sh", "-c", "echo pid=$$; cat /proc/self/status; echo --proc--; ls /proc"],
             capture_output=True,
             text=True,
             check=True,
@@ -192,7 +192,8 @@ def test_sandbox_user_capabilities_and_pid_namespace(stand_in: Path) -> None:
         assert int(status[cap], 16) == 0, cap
     assert status["NoNewPrivs"] == "1"
     # A fresh /proc: only the shell and `cat`/`ls` exist in this PID namespace.
-    pids = {int(n) for n in result.stdout.split() if n.isdigit()}
+    listing = result.stdout.split("--proc--")[1]
+    pids = {int(n) for n in listing.split() if n.isdigit()}
     assert 1 in pids
     assert max(pids) < 10
 

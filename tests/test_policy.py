@@ -1,0 +1,102 @@
+"""The mount option allowlist (pure policy; the kernel side is in test_broker_*)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from csi_async.broker.policy import NodePolicy, OptionRefused, plan_mount
+from csi_async.mount import syscalls as sc
+from fusermount3_proxy.protocol import split_options
+
+
+def plan(program: str = "", volume: str = "", read_only: bool = False, **policy: bool):
+    return plan_mount(
+        volume_options=split_options(volume),
+        program_options=split_options(program),
+        volume_read_only=read_only,
+        user_id=1000,
+        group_id=1000,
+        default_source="data",
+        policy=NodePolicy(**policy),
+    )
+
+
+def test_libfuse_defaults_mount_with_broker_chosen_ids_and_flags() -> None:
+    spec = plan("rw,nosuid,nodev,subtype=hello")
+    assert spec.fstype == "fuse.hello"
+    assert spec.source == "hello"
+    assert (spec.user_id, spec.group_id) == (1000, 1000)
+    assert spec.flags == ("allow_other", "default_permissions")
+    assert not spec.read_only
+
+
+def test_fsname_becomes_the_source_with_escaped_commas() -> None:
+    assert plan(r"fsname=host:/a\,b,subtype=sshfs").source == "host:/a,b"
+
+
+@pytest.mark.parametrize("dropped", ["fd=7", "rootmode=40000", "user_id=0", "group_id=0",
+                                     "nonempty", "large_read", "x-systemd.automount"])  # fmt: skip
+def test_ids_and_fd_from_the_client_are_dropped_silently(dropped: str) -> None:
+    spec = plan(f"rw,{dropped}")
+    assert spec.user_id == 1000
+    assert all(key not in ("fd", "rootmode", "user_id", "group_id") for key, _ in spec.strings)
+
+
+@pytest.mark.parametrize(
+    ("option", "err"),
+    [("suid", errno.EPERM), ("dev", errno.EPERM), ("blkdev", errno.EPERM),
+     ("allow_root", errno.EPERM), ("context=system_u:object_r:tmp_t:s0", errno.EPERM),
+     ("blksize=4096", errno.EPERM), ("bogus", errno.EINVAL), ("max_read=12x", errno.EINVAL),
+     ("subtype=a/b", errno.EINVAL), ("ro=1", errno.EINVAL), ("=x", errno.EINVAL)],
+)  # fmt: skip
+def test_forbidden_and_unknown_options_are_refused_with_a_reason(option: str, err: int) -> None:
+    with pytest.raises(OptionRefused) as info:
+        plan(f"rw,{option}")
+    assert info.value.errno == err
+    assert option.partition("=")[0] in info.value.message
+
+
+def test_a_read_only_volume_stays_read_only_whatever_the_program_says() -> None:
+    assert plan("ro").read_only
+    assert plan("rw", read_only=True).read_only
+    assert not plan("ro,rw").read_only  # last one wins, as with fusermount3
+
+
+def test_mount_flags_map_to_mount_attributes() -> None:
+    spec = plan("noexec,noatime,nodiratime,nosymfollow")
+    assert spec.mount_attrs & sc.MOUNT_ATTR_NOEXEC
+    assert spec.mount_attrs & sc.MOUNT_ATTR_NOATIME
+    assert spec.mount_attrs & sc.MOUNT_ATTR_NODIRATIME
+    assert spec.mount_attrs & sc.MOUNT_ATTR_NOSYMFOLLOW
+    assert not plan("noexec,exec").mount_attrs & sc.MOUNT_ATTR_NOEXEC
+
+
+def test_volume_options_come_first_and_the_program_refines_them() -> None:
+    assert plan(program="exec", volume="noexec").mount_attrs & sc.MOUNT_ATTR_NOEXEC == 0
+    assert "sync" in plan(volume="sync").flags
+
+
+def test_allow_other_follows_the_node_policy() -> None:
+    assert "allow_other" not in plan("rw", allow_other=False).flags
+    with pytest.raises(OptionRefused):
+        plan("allow_other", allow_other=False)
+
+
+@given(st.lists(st.text(max_size=40), max_size=12))
+def test_no_option_list_can_reach_a_reserved_key(tokens: list[str]) -> None:
+    try:
+        spec = plan_mount(
+            volume_options=[], program_options=tokens, volume_read_only=False,
+            user_id=5, group_id=6, default_source="d", policy=NodePolicy(),
+        )  # fmt: skip
+    except OptionRefused:
+        return
+    assert (spec.user_id, spec.group_id) == (5, 6)
+    reserved = {"fd", "rootmode", "user_id", "group_id", "blksize", "source", "subtype"}
+    assert not reserved & {key for key, _ in spec.strings}
+    assert not reserved & set(spec.flags)
+    assert all("\0" not in v and "," not in v for _, v in spec.strings)
