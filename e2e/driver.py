@@ -59,8 +59,10 @@ class DriverProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"driver exited early:\n{self.log_text()}")
             try:
-                ready = self.client.call("/csi.v1.Identity/Probe", csi.ProbeRequest())
-                if ready.ready:  # type: ignore[attr-defined]
+                ready = self.client.call(
+                    "/csi.v1.Identity/Probe", csi.ProbeRequest(), csi.ProbeResponse
+                )
+                if ready.ready:
                     return self
             except grpc.RpcError:
                 pass
@@ -94,6 +96,9 @@ class DriverProcess:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

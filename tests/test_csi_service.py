@@ -267,7 +267,10 @@ def test_unpublish_without_a_required_field_is_invalid(
     driver: DriverProcess, kubelet_root: Path, field: str
 ) -> None:
     uid = str(uuid.uuid4())
-    args = {"volume_id": volume_id(uid, "data"), "target_path": target_path(kubelet_root, uid, "data")}
+    args = {
+        "volume_id": volume_id(uid, "data"),
+        "target_path": target_path(kubelet_root, uid, "data"),
+    }
     args[field] = ""
     err = rpc_error(lambda: driver.client.node_unpublish(**args))
     assert err.code() == INVALID

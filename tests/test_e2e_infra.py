@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,9 +24,9 @@ import grpc
 import pytest
 
 from csi_async._proto.csi.v1 import NodeServiceCapabilityRpcType, VolumeCapabilityAccessModeMode
+from csi_async.mount.mountinfo import is_mount_point, mounts_at_or_below, read_mountinfo
 from e2e.hostenv import KubeletRoot, lazy_umount, mount_tmpfs
 from e2e.kubelet import CsiError, KubeletEmulator, Pod, StillMountedError
-from e2e.mountinfo import is_mount_point, mounts_at_or_below, read_mountinfo
 from e2e.sandbox import (
     EXIT_NOT_FOUND,
     EXIT_SETUP_FAILED,
@@ -103,7 +105,7 @@ def stand_in(tmp_path: Path) -> Path:
     script.parent.mkdir()
     script.write_text(
         "#!/bin/sh\n"
-        "{ echo \"uid=$(id -u)\"; echo \"argv=$*\"; echo \"commfd=${_FUSE_COMMFD:-}\"; }"
+        '{ echo "uid=$(id -u)"; echo "argv=$*"; echo "commfd=${_FUSE_COMMFD:-}"; }'
         " > /run/marker/called\n"
         "exit 1\n"
     )
@@ -273,19 +275,44 @@ def test_sandbox_sees_mounts_made_later_in_the_kubelet_root(
     assert lines[-1] == "tmpfs"  # the propagated mount is on top
 
 
-def test_killing_a_container_leaves_no_process(stand_in: Path) -> None:
+@pytest.mark.parametrize("how", ["Popen.kill", "os.kill", "parent thread exits"])
+def test_killing_a_container_leaves_no_process(stand_in: Path, how: str) -> None:
     script = (
         "sleep 1000 & setsid sleep 1000 & (sleep 1000 &);"
         " /bin/sh -c 'trap \"\" HUP TERM; sleep 1000' & echo started; wait"
     )
-    with PodSandbox({}, stand_in) as sandbox:
-        container = sandbox.spawn(["/bin/sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    die_with_parent = how == "parent thread exits"
+    with PodSandbox({}, stand_in, die_with_parent=die_with_parent) as sandbox:
+        spawned: list[Container] = []
+        if die_with_parent:
+            thread = threading.Thread(
+                target=lambda: spawned.append(
+                    sandbox.spawn(["/bin/sh", "-c", script], stdout=subprocess.PIPE, text=True)
+                )
+            )
+            thread.start()
+            thread.join()
+        else:
+            spawned.append(
+                sandbox.spawn(["/bin/sh", "-c", script], stdout=subprocess.PIPE, text=True)
+            )
+        container = spawned[0]
         assert container.stdout is not None
-        assert container.stdout.readline() == "started\n"
         ns = container.pidns
         assert ns is not None
-        assert len(container.processes()) >= 5
-        container.kill()
+        if how == "Popen.kill":
+            assert container.stdout.readline() == "started\n"
+            assert len(container.processes()) >= 5
+            container.kill()
+        elif how == "os.kill":
+            assert container.stdout.readline() == "started\n"
+            assert len(container.processes()) >= 5
+            # Only `unshare` dies here; --kill-child (re-armed after the uid
+            # change) must take PID 1 and with it the namespace.
+            os.kill(container.pid, signal.SIGKILL)
+        else:
+            # The spawning thread is gone: the container dies with it.
+            assert container.stdout.readline() in ("started\n", "")
         container.wait_gone(10)
         assert pids_in_pidns(ns) == []
         assert container.processes() == []
@@ -328,7 +355,9 @@ def test_sandbox_binds_files_read_only_and_hides_host_tmp(
         "cat /run/cfg/data.txt; echo x > /run/cfg/data.txt || echo ro;"
         f" test -e {tmp_path} || echo hidden; echo w > /run/marker/w && echo rw"
     )
-    with PodSandbox({"/run/marker": marker_dir}, stand_in, ro_binds={"/run/cfg/data.txt": data}) as sb:
+    with PodSandbox(
+        {"/run/marker": marker_dir}, stand_in, ro_binds={"/run/cfg/data.txt": data}
+    ) as sb:
         out = sb.run(["/bin/sh", "-c", script], capture_output=True, text=True).stdout
     assert out.split() == ["payload", "ro", "hidden", "rw"]
     assert data.read_text() == "payload\n"
@@ -348,7 +377,8 @@ def test_kubelet_paths_volume_id_and_vol_data(kroot: KubeletRoot) -> None:
     assert volume_id == _expected_volume_id(pod.uid, "data")
     assert len(volume_id) == 68
     target = kubelet.target_path(pod, "data")
-    assert target == kroot.path / "pods" / pod.uid / "volumes" / "kubernetes.io~csi" / "data" / "mount"
+    volumes = kroot.path / "pods" / pod.uid / "volumes"
+    assert target == volumes / "kubernetes.io~csi" / "data" / "mount"
 
     data_file = kubelet.write_vol_data(pod, "data")
     assert data_file == target.parent / "vol_data.json"
@@ -361,8 +391,7 @@ def test_kubelet_paths_volume_id_and_vol_data(kroot: KubeletRoot) -> None:
         "driverName": DRIVER,
         "nodeName": "node-a",
         "volumeLifecycleMode": "Ephemeral",
-        "attachmentID": "csi-"
-        + hashlib.sha256(f"{volume_id}{DRIVER}node-a".encode()).hexdigest(),
+        "attachmentID": "csi-" + hashlib.sha256(f"{volume_id}{DRIVER}node-a".encode()).hexdigest(),
     }
     assert list(data) == sorted(data)
 

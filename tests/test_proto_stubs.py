@@ -27,5 +27,9 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     )  # fmt: skip
     generated, committed = _tree(out), _tree(COMMITTED)
     assert sorted(generated) == sorted(committed)
-    drifted = [name for name in generated if not filecmp.cmp(generated[name], committed[name], shallow=False)]
+    drifted = [
+        name
+        for name in generated
+        if not filecmp.cmp(generated[name], committed[name], shallow=False)
+    ]
     assert drifted == [], f"regenerate with scripts/gen_proto.sh (nox -s proto): {drifted}"

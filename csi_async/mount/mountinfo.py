@@ -7,6 +7,7 @@ that may be hung or hostile.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class MountEntry:
     root: str
     mount_point: str
     mount_options: tuple[str, ...]
+    # Propagation tags such as "shared:2" or "master:5".
+    optional: tuple[str, ...]
     fstype: str
     source: str
     super_options: tuple[str, ...]
@@ -38,6 +41,14 @@ class MountEntry:
     @property
     def read_only(self) -> bool:
         return "ro" in self.mount_options
+
+    @property
+    def shared(self) -> bool:
+        return any(tag.startswith("shared:") for tag in self.optional)
+
+    @property
+    def slave(self) -> bool:
+        return any(tag.startswith("master:") for tag in self.optional)
 
 
 def parse_line(line: str) -> MountEntry:
@@ -52,13 +63,14 @@ def parse_line(line: str) -> MountEntry:
         root=_unescape(fields[3]),
         mount_point=_unescape(fields[4]),
         mount_options=tuple(fields[5].split(",")),
+        optional=tuple(fields[6:separator]),
         fstype=fields[separator + 1],
         source=_unescape(fields[separator + 2]),
         super_options=tuple(fields[separator + 3].split(",")),
     )
 
 
-def read_mountinfo(pid: str = "self") -> list[MountEntry]:
+def read_mountinfo(pid: int | str = "self") -> list[MountEntry]:
     with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return [parse_line(line) for line in f if line.strip()]
 
@@ -75,3 +87,23 @@ def find_mount(mount_id: int, table: list[MountEntry] | None = None) -> MountEnt
         if entry.mount_id == mount_id:
             return entry
     return None
+
+
+def mounts_at_or_below(top: str | os.PathLike[str], pid: int | str = "self") -> list[MountEntry]:
+    """Mounts whose mount point is `top` (canonical) or lies under it."""
+    top_s = os.fspath(top).rstrip("/") or "/"
+    prefix = top_s if top_s == "/" else top_s + "/"
+    return [
+        m for m in read_mountinfo(pid) if m.mount_point == top_s or m.mount_point.startswith(prefix)
+    ]
+
+
+def is_mount_point(path: str | os.PathLike[str], pid: int | str = "self") -> bool:
+    """Whether anything is mounted on `path`, decided from mountinfo alone.
+
+    Only the parent is canonicalised: resolving `path` itself would stat the
+    root of whatever is mounted there.
+    """
+    head, tail = os.path.split(os.fspath(path).rstrip("/"))
+    canonical = os.path.join(os.path.realpath(head), tail)
+    return any(m.mount_point == canonical for m in read_mountinfo(pid))

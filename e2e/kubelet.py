@@ -1,0 +1,443 @@
+"""A kubelet emulator for CSI inline ephemeral volumes, over a real grpcio client.
+
+It speaks to the driver with grpcio (grpc-core, HTTP/2 in C) — a different
+gRPC stack from the driver's grpclib — and behaves like kubelet's CSI volume
+plugin (pkg/volume/csi, see docs in /work/shared/reference/csi-and-kubelet.md §2):
+
+* a new connection per RPC, authority "localhost";
+* target path  <root>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount,
+  volume handle "csi-" + sha256(pod uid + volume name);
+* SetUp: MkdirAll(volume dir, 0750), NodeGetCapabilities, vol_data.json,
+  NodeGetCapabilities, NodePublishVolume — the driver creates `mount`;
+* a final error removes the mount dir (removeMountDir); a non-final one
+  (CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED)
+  is retried with exponential backoff starting at 500 ms, like the volume
+  manager's reconciler, within a bounded total time;
+* TearDown: NodeUnpublishVolume(volume id, target path), then removeMountDir:
+  only if `mount` is no longer a mount point (from mountinfo; kubelet never
+  stats into it) are `mount` (rmdir), vol_data.json and the volume dir removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import betterproto2
+import grpc
+
+from csi_async._proto.csi.v1 import (
+    GetPluginInfoRequest,
+    GetPluginInfoResponse,
+    NodeGetCapabilitiesRequest,
+    NodeGetCapabilitiesResponse,
+    NodeGetInfoRequest,
+    NodeGetInfoResponse,
+    NodePublishVolumeRequest,
+    NodePublishVolumeResponse,
+    NodeServiceCapabilityRpcType,
+    NodeUnpublishVolumeRequest,
+    NodeUnpublishVolumeResponse,
+    ProbeRequest,
+    ProbeResponse,
+    VolumeCapability,
+    VolumeCapabilityAccessMode,
+    VolumeCapabilityAccessModeMode,
+    VolumeCapabilityMountVolume,
+)
+from csi_async.mount.mountinfo import is_mount_point
+
+M = TypeVar("M", bound=betterproto2.Message)
+T = TypeVar("T")
+
+CSI_PLUGIN_NAME = "kubernetes.io/csi"
+VOL_DATA_FILE = "vol_data.json"
+
+KEY_POD_NAME = "csi.storage.k8s.io/pod.name"
+KEY_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
+KEY_POD_UID = "csi.storage.k8s.io/pod.uid"
+KEY_SERVICE_ACCOUNT = "csi.storage.k8s.io/serviceAccount.name"
+KEY_EPHEMERAL = "csi.storage.k8s.io/ephemeral"
+
+# kubelet's isFinalError(): these mean the operation may still be in
+# progress on the driver, so the volume is "uncertain" and SetUp is retried.
+NON_FINAL_CODES = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class CsiError(Exception):
+    """A CSI RPC failed with a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, method: str = "") -> None:
+        super().__init__(f"{method or 'CSI call'}: {code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.method = method
+
+    @property
+    def final(self) -> bool:
+        """Whether kubelet would treat the operation as finished (not retried as uncertain)."""
+        return self.code not in NON_FINAL_CODES
+
+
+class StillMountedError(RuntimeError):
+    """NodeUnpublishVolume returned OK but the target path is still a mount point."""
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str = "default"
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    service_account: str = "default"
+
+
+@dataclass(frozen=True)
+class PublishedVolume:
+    pod: Pod
+    volume_name: str
+    volume_id: str
+    target_path: Path
+    request: NodePublishVolumeRequest
+
+
+def escape_qualified_name(name: str) -> str:
+    """kubelet's utilstrings.EscapeQualifiedName."""
+    return name.replace("/", "~")
+
+
+def make_volume_handle(pod_uid: str, volume_name: str) -> str:
+    """kubelet's makeVolumeHandle for inline volumes: no separator between the parts."""
+    return "csi-" + hashlib.sha256((pod_uid + volume_name).encode()).hexdigest()
+
+
+def attachment_id(volume_handle: str, driver_name: str, node_name: str) -> str:
+    """kubelet's getAttachmentName."""
+    return "csi-" + hashlib.sha256((volume_handle + driver_name + node_name).encode()).hexdigest()
+
+
+class KubeletEmulator:
+    """Drives a CSI node plugin's socket the way kubelet does for inline ephemeral volumes."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        csi_endpoint: str,
+        driver_name: str,
+        node_name: str = "node-1",
+        *,
+        rpc_timeout: float = 30.0,
+        retry_timeout: float = 30.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 122.0,
+        pod_info_on_mount: bool = True,
+    ) -> None:
+        if not csi_endpoint.startswith("unix://"):
+            raise ValueError(f"csi_endpoint must be unix:///path, got {csi_endpoint!r}")
+        # Canonical, because target paths are compared with mountinfo.
+        self.root = Path(os.path.realpath(root))
+        self.csi_endpoint = csi_endpoint
+        self.driver_name = driver_name
+        self.node_name = node_name
+        self.rpc_timeout = rpc_timeout
+        self.retry_timeout = retry_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.pod_info_on_mount = pod_info_on_mount
+        # Every RPC sent, in order: (method path, request). Holds secrets if
+        # any were sent; tests only.
+        self.calls: list[tuple[str, betterproto2.Message]] = []
+
+    # ---------------------------------------------------------------- paths
+
+    def pod_dir(self, pod: Pod) -> Path:
+        return self.root / "pods" / pod.uid
+
+    def volume_dir(self, pod: Pod, volume_name: str) -> Path:
+        """<root>/pods/<uid>/volumes/kubernetes.io~csi/<volume>: holds `mount`, vol_data.json."""
+        return (
+            self.pod_dir(pod)
+            / "volumes"
+            / escape_qualified_name(CSI_PLUGIN_NAME)
+            / escape_qualified_name(volume_name)
+        )
+
+    def target_path(self, pod: Pod, volume_name: str) -> Path:
+        return self.volume_dir(pod, volume_name) / "mount"
+
+    def volume_id(self, pod: Pod, volume_name: str) -> str:
+        return make_volume_handle(pod.uid, volume_name)
+
+    def vol_data(self, pod: Pod, volume_name: str) -> dict[str, str]:
+        handle = self.volume_id(pod, volume_name)
+        return {
+            "specVolID": volume_name,
+            "volumeHandle": handle,
+            "driverName": self.driver_name,
+            "nodeName": self.node_name,
+            "volumeLifecycleMode": "Ephemeral",
+            "attachmentID": attachment_id(handle, self.driver_name, self.node_name),
+        }
+
+    def write_vol_data(self, pod: Pod, volume_name: str) -> Path:
+        """MkdirAll the volume dir (0750) and write vol_data.json into it."""
+        vol_dir = self.volume_dir(pod, volume_name)
+        os.makedirs(vol_dir, mode=0o750, exist_ok=True)
+        path = vol_dir / VOL_DATA_FILE
+        # Go's json.Marshal of a map sorts keys and adds no whitespace.
+        path.write_text(
+            json.dumps(self.vol_data(pod, volume_name), sort_keys=True, separators=(",", ":"))
+        )
+        return path
+
+    def volume_context(self, pod: Pod, volume_attributes: Mapping[str, str]) -> dict[str, str]:
+        """csi.volumeAttributes merged with pod info; pod info wins (kubelet's mergeMap)."""
+        context = dict(volume_attributes)
+        if self.pod_info_on_mount:
+            context.update(
+                {
+                    KEY_POD_NAME: pod.name,
+                    KEY_POD_NAMESPACE: pod.namespace,
+                    KEY_POD_UID: pod.uid,
+                    KEY_SERVICE_ACCOUNT: pod.service_account,
+                    KEY_EPHEMERAL: "true",
+                }
+            )
+        return context
+
+    def build_publish_request(
+        self,
+        pod: Pod,
+        volume_name: str,
+        volume_attributes: Mapping[str, str] | None = None,
+        readonly: bool = False,
+        fs_type: str = "",
+        *,
+        node_capabilities: frozenset[NodeServiceCapabilityRpcType] = frozenset(),
+        fs_group: int | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> NodePublishVolumeRequest:
+        """The NodePublishVolumeRequest kubelet sends, given the driver's node capabilities."""
+        # Inline volumes are ReadWriteOnce; kubelet maps that to
+        # SINGLE_NODE_MULTI_WRITER when the driver advertises it.
+        mode = (
+            VolumeCapabilityAccessModeMode.SINGLE_NODE_MULTI_WRITER
+            if NodeServiceCapabilityRpcType.SINGLE_NODE_MULTI_WRITER in node_capabilities
+            else VolumeCapabilityAccessModeMode.SINGLE_NODE_WRITER
+        )
+        mount = VolumeCapabilityMountVolume(fs_type=fs_type, mount_flags=[])
+        if fs_group is not None and NodeServiceCapabilityRpcType.VOLUME_MOUNT_GROUP in (
+            node_capabilities
+        ):
+            mount.volume_mount_group = str(fs_group)
+        return NodePublishVolumeRequest(
+            volume_id=self.volume_id(pod, volume_name),
+            target_path=str(self.target_path(pod, volume_name)),
+            volume_capability=VolumeCapability(
+                mount=mount, access_mode=VolumeCapabilityAccessMode(mode=mode)
+            ),
+            readonly=readonly,
+            secrets=dict(secrets or {}),
+            volume_context=self.volume_context(pod, volume_attributes or {}),
+        )
+
+    # ---------------------------------------------------------------- RPCs
+
+    def call(
+        self,
+        method: str,
+        request: betterproto2.Message,
+        response_type: type[M],
+        timeout: float | None = None,
+    ) -> M:
+        """One unary RPC on a fresh connection, like kubelet's newGrpcConn + defer Close."""
+        self.calls.append((method, request))
+        options = [("grpc.default_authority", "localhost"), ("grpc.enable_http_proxy", 0)]
+        with grpc.insecure_channel(self.csi_endpoint, options=options) as channel:
+            rpc = channel.unary_unary(
+                method, request_serializer=bytes, response_deserializer=response_type.parse
+            )
+            try:
+                response: M = rpc(request, timeout=self.rpc_timeout if timeout is None else timeout)
+            except grpc.RpcError as e:
+                raise CsiError(e.code(), e.details() or "", method) from None
+        return response
+
+    def get_plugin_info(self) -> GetPluginInfoResponse:
+        return self.call(
+            "/csi.v1.Identity/GetPluginInfo", GetPluginInfoRequest(), GetPluginInfoResponse
+        )
+
+    def probe(self, timeout: float | None = None) -> ProbeResponse:
+        return self.call("/csi.v1.Identity/Probe", ProbeRequest(), ProbeResponse, timeout)
+
+    def node_get_info(self) -> NodeGetInfoResponse:
+        return self.call("/csi.v1.Node/NodeGetInfo", NodeGetInfoRequest(), NodeGetInfoResponse)
+
+    def node_get_capabilities(self) -> NodeGetCapabilitiesResponse:
+        return self.call(
+            "/csi.v1.Node/NodeGetCapabilities",
+            NodeGetCapabilitiesRequest(),
+            NodeGetCapabilitiesResponse,
+        )
+
+    def node_capabilities(self) -> frozenset[NodeServiceCapabilityRpcType]:
+        caps = self.node_get_capabilities().capabilities
+        return frozenset(c.rpc.type for c in caps if c.rpc is not None)
+
+    def register(self) -> NodeGetInfoResponse:
+        """What node-driver-registrar and kubelet's plugin registration ask the driver."""
+        info = self.get_plugin_info()
+        if info.name != self.driver_name:
+            raise RuntimeError(f"driver calls itself {info.name!r}, expected {self.driver_name!r}")
+        return self.node_get_info()
+
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> None:
+        """Poll Probe until it succeeds with ready unset or true (livenessprobe's rule)."""
+        deadline = time.monotonic() + timeout
+        last: str = "no attempt"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"CSI driver at {self.csi_endpoint} not ready: {last}")
+            try:
+                response = self.probe(timeout=min(self.rpc_timeout, max(remaining, 0.05)))
+            except CsiError as e:
+                last = str(e)
+            else:
+                if response.ready is not False:
+                    return
+                last = "driver responded but is not ready"
+            time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+
+    # ---------------------------------------------------------------- volumes
+
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_timeout
+        delay = self.backoff_initial
+        while True:
+            try:
+                return attempt()
+            except CsiError as e:
+                if e.final or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+    def publish(
+        self,
+        pod: Pod,
+        volume_name: str,
+        volume_attributes: Mapping[str, str] | None = None,
+        readonly: bool = False,
+        fs_type: str = "",
+        *,
+        fs_group: int | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> PublishedVolume:
+        """Mount an inline CSI volume for `pod` (kubelet's csiMountMgr.SetUpAt, with retries).
+
+        Raises CsiError on a final error (after removing the mount dir, as
+        kubelet does) or when non-final errors outlast `retry_timeout`.
+        """
+        target = self.target_path(pod, volume_name)
+
+        def attempt() -> PublishedVolume:
+            os.makedirs(target.parent, mode=0o750, exist_ok=True)
+            self.node_capabilities()  # VOLUME_MOUNT_GROUP check in SetUpAt
+            self.write_vol_data(pod, volume_name)
+            caps = self.node_capabilities()  # SINGLE_NODE_MULTI_WRITER check in the client
+            request = self.build_publish_request(
+                pod,
+                volume_name,
+                volume_attributes,
+                readonly,
+                fs_type,
+                node_capabilities=caps,
+                fs_group=fs_group,
+                secrets=secrets,
+            )
+            try:
+                self.call("/csi.v1.Node/NodePublishVolume", request, NodePublishVolumeResponse)
+            except CsiError as e:
+                if e.final:
+                    self.remove_mount_dir(target)
+                raise
+            return PublishedVolume(pod, volume_name, request.volume_id, target, request)
+
+        return self._with_retries(attempt)
+
+    def unpublish(self, pod: Pod, volume_name: str, *, strict: bool = True) -> bool:
+        """Unmount an inline CSI volume (csiMountMgr.TearDownAt + removeMountDir).
+
+        Returns whether the mount dir was removed. If the driver said OK but
+        the target is still a mount point kubelet leaves everything in place;
+        so does this, and with `strict` it raises StillMountedError.
+        """
+        target = self.target_path(pod, volume_name)
+        volume_id = self.volume_id(pod, volume_name)
+        # After a kubelet restart the unmounter is rebuilt from vol_data.json.
+        data_file = target.parent / VOL_DATA_FILE
+        if data_file.exists():
+            volume_id = json.loads(data_file.read_text()).get("volumeHandle", volume_id)
+        request = NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+        self._with_retries(
+            lambda: self.call(
+                "/csi.v1.Node/NodeUnpublishVolume", request, NodeUnpublishVolumeResponse
+            )
+        )
+        removed = self.remove_mount_dir(target)
+        if not removed and strict:
+            raise StillMountedError(f"{target} is still a mount point after NodeUnpublishVolume")
+        return removed
+
+    def remove_mount_dir(self, target: Path) -> bool:
+        """kubelet's removeMountDir. Returns False (and removes nothing) if still mounted."""
+        if is_mount_point(target):
+            return False
+        for remove, path in (
+            (os.rmdir, target),
+            (os.unlink, target.parent / VOL_DATA_FILE),
+            (os.rmdir, target.parent),
+        ):
+            try:
+                remove(path)
+            except FileNotFoundError:
+                pass
+        return True
+
+    def cleanup_pod_dirs(self, pod: Pod) -> bool:
+        """Remove the pod's now-empty volume dirs and pod dir, rmdir only.
+
+        Returns False if something is left (a volume that was not unpublished).
+        """
+        pod_dir = self.pod_dir(pod)
+        for d in (
+            pod_dir / "volumes" / escape_qualified_name(CSI_PLUGIN_NAME),
+            pod_dir / "volumes",
+            pod_dir,
+        ):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOTEMPTY:
+                    return False
+                raise
+        return True

@@ -1,0 +1,389 @@
+"""Run "containers" the way an unprivileged pod would, without a container runtime.
+
+A container is `unshare --mount --propagation slave --pid --fork --kill-child
+--mount-proc --ipc` running `e2e/sandbox_init.py`, which builds the container's
+view and then execs the program as an unprivileged user:
+
+* mount namespace whose mounts are slaves of the host's: mounts that appear
+  later in the (shared) kubelet root propagate in, like a volumeMount with
+  `mountPropagation: HostToContainer`; nothing propagates back out;
+* PID namespace with its own /proc; the program is PID 1, as in a pod;
+* IPC namespace and a private /dev: tmpfs with null, zero, full, random,
+  urandom and tty bound from the host, /dev/shm, the /dev/fd symlinks, and
+  **/dev/fuse as a bind of /dev/null** — libfuse's open("/dev/fuse") works, its
+  own mount(2) fails with EPERM, so it falls back to the fusermount3 helper;
+* the given zipapp bound read-only over /usr/bin/fusermount3 (and every other
+  fusermount name that resolves to a distinct file; on this Debian /bin is a
+  symlink to usr/bin and fusermount is a symlink to fusermount3, so there is
+  exactly one bind);
+* private tmpfs on /tmp and /run (configurable), so volume binds can be made
+  at container paths that do not exist on the host, below those;
+* volume binds {container path: host path}, recursive, created on top of the
+  tmpfs mounts above or onto paths that already exist; a container path
+  whose creation would write to the host is refused;
+* then: setgroups([]), uid/gid (default 65534), empty capability sets
+  including the bounding and ambient sets, no_new_privs, exec.
+
+The rest of the host filesystem stays visible, read/write as far as uid
+65534's permissions go: this is isolation for realism, not for security. In
+particular /root is mode 0700 here, so the project's venv Python
+(/root/.pyenv/...) cannot run inside a container; /usr/bin/python3 can.
+Programs and files that live under unreachable paths must be bound in: a
+bind only needs the file itself to be readable, not the host path leading
+to it.
+
+Signals: `Container.terminate()`/`send_signal()` reach the container's PID 1
+(`unshare` itself ignores SIGTERM and SIGINT). As in a pod, PID 1 only
+reacts to signals it has a handler for. `Container.kill()` SIGKILLs PID 1,
+which makes the kernel kill everything else in the PID namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from e2e import sandbox_init
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_TMPFS = ("/tmp", "/run")
+FUSERMOUNT_PATHS = (
+    "/usr/bin/fusermount3",
+    "/usr/bin/fusermount",
+    "/bin/fusermount3",
+    "/bin/fusermount",
+)
+NOBODY = 65534
+SANDBOX_INIT = Path(sandbox_init.__file__).resolve()
+
+# Exit statuses of a container that never got to exec its program.
+EXIT_SETUP_FAILED = sandbox_init.EXIT_SETUP_FAILED
+EXIT_NOT_EXECUTABLE = sandbox_init.EXIT_NOT_EXECUTABLE
+EXIT_NOT_FOUND = sandbox_init.EXIT_NOT_FOUND
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2 :].split()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
+
+
+def _all_pids() -> list[int]:
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+
+
+def pids_in_pidns(ns: tuple[int, int]) -> list[int]:
+    """Host PIDs of all live (non-zombie) processes in the PID namespace `ns` = (st_dev, st_ino)."""
+    found = []
+    for pid in _all_pids():
+        try:
+            st = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == ns:
+            fields = _stat_fields(pid)
+            if fields is not None and fields[0] != "Z":
+                found.append(pid)
+    return found
+
+
+class Container(subprocess.Popen[Any]):
+    """A container: the Popen is `unshare`, whose only child is the container's PID 1."""
+
+    _init_pid: int | None = None
+    _pidns: tuple[int, int] | None = None
+
+    def init_pid(self, timeout: float = 5.0) -> int | None:
+        """Host PID of the container's PID 1; None once the container is gone."""
+        deadline = time.monotonic() + timeout
+        while self._init_pid is None:
+            if self.poll() is not None:
+                return None
+            for pid in (p for p in _all_pids() if _ppid(p) == self.pid):
+                try:
+                    st = os.stat(f"/proc/{pid}/ns/pid")
+                except OSError:
+                    continue  # exited already; `unshare` is about to follow
+                self._pidns = (st.st_dev, st.st_ino)
+                self._init_pid = pid
+                break
+            else:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"unshare (pid {self.pid}) did not fork the container")
+                time.sleep(0.005)
+        return self._init_pid
+
+    @property
+    def pidns(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the container's PID namespace."""
+        self.init_pid()
+        return self._pidns
+
+    def processes(self) -> list[int]:
+        """Host PIDs of everything still running in this container."""
+        ns = self.pidns
+        return [] if ns is None else pids_in_pidns(ns)
+
+    def _signal_init(self, sig: int) -> bool:
+        """Signal PID 1 without racing against PID reuse."""
+        if self.returncode is not None:
+            return False
+        pid = self.init_pid()
+        if pid is None:
+            return False
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        try:
+            # `unshare` is our unreaped child, so its PID cannot have been
+            # reused; a process whose parent it is must be the container.
+            if _ppid(pid) != self.pid:
+                return False
+            signal.pidfd_send_signal(pidfd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        finally:
+            os.close(pidfd)
+
+    def send_signal(self, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            self._signal_init(sig)
+            super().send_signal(sig)
+        else:
+            self._signal_init(sig)
+
+    def stop(self, grace: float = 10.0) -> int:
+        """kubelet-style stop: SIGTERM to PID 1, SIGKILL after `grace` seconds."""
+        self.terminate()
+        try:
+            return self.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.wait()
+
+    def wait_gone(self, timeout: float = 10.0) -> None:
+        """Wait until `unshare` has exited and the PID namespace is empty."""
+        ns = self.pidns if self.returncode is None else self._pidns
+        self.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while ns is not None and pids_in_pidns(ns):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes left in container {self.pid}: {pids_in_pidns(ns)}")
+            time.sleep(0.01)
+
+
+class PodSandbox:
+    """A pod: containers sharing one set of binds, user and environment.
+
+    Each `spawn` is a separate container (own mount and PID namespace), like
+    the containers of a pod without shareProcessNamespace.
+    """
+
+    def __init__(
+        self,
+        binds: Mapping[str, Path | str] | None,
+        zipapp: Path | str,
+        uid: int = NOBODY,
+        gid: int = NOBODY,
+        env: Mapping[str, str] | None = None,
+        *,
+        ro_binds: Mapping[str, Path | str] | None = None,
+        tmpfs: Sequence[str] = DEFAULT_TMPFS,
+        cwd: str = "/",
+        umask: int = 0o022,
+        die_with_parent: bool = False,
+    ) -> None:
+        """`die_with_parent` SIGKILLs a container when the *thread* that spawned
+        it exits (prctl PR_SET_PDEATHSIG via setpriv), so a test runner that is
+        itself SIGKILLed leaves no containers; do not use it when spawning from
+        short-lived threads.
+        """
+        self.uid = uid
+        self.gid = gid
+        self.cwd = cwd
+        self.umask = umask
+        self.tmpfs = [self._container_path(t) for t in tmpfs]
+        self.env = {"PATH": DEFAULT_PATH, "HOME": "/", "LANG": "C.UTF-8", **(env or {})}
+        self.zipapp = Path(zipapp).resolve()
+        self._check_zipapp()
+        self.binds: list[sandbox_init.BindSpec] = []
+        for items, readonly in ((binds or {}, False), (ro_binds or {}, True)):
+            for dst, src in items.items():
+                host = Path(src).resolve()
+                if not os.path.lexists(host):
+                    raise FileNotFoundError(f"bind source {host} does not exist")
+                self.binds.append(
+                    {"dst": self._container_path(dst), "src": str(host), "readonly": readonly}
+                )
+        for target in self._fusermount_targets():
+            self.binds.append({"dst": target, "src": str(self.zipapp), "readonly": True})
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise FileNotFoundError("unshare (util-linux) is not installed")
+        self._unshare = unshare
+        self._setpriv: str | None = None
+        if die_with_parent:
+            self._setpriv = shutil.which("setpriv")
+            if self._setpriv is None:
+                raise FileNotFoundError("setpriv (util-linux) is needed for die_with_parent")
+        self.containers: list[Container] = []
+
+    @staticmethod
+    def _container_path(path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"container path {path!r} must be absolute")
+        return os.path.normpath(path)
+
+    def _check_zipapp(self) -> None:
+        st = self.zipapp.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"zipapp {self.zipapp} is not a regular file")
+        owner = st.st_uid == self.uid
+        needed = stat.S_IRUSR | stat.S_IXUSR if owner else stat.S_IROTH | stat.S_IXOTH
+        if st.st_mode & needed != needed:
+            raise PermissionError(
+                f"zipapp {self.zipapp} (mode {stat.filemode(st.st_mode)}) must be readable and "
+                f"executable by uid {self.uid}; chmod a+rx it"
+            )
+
+    @staticmethod
+    def _fusermount_targets() -> list[str]:
+        # mount(2) follows symlinks in the target, so binding over a symlink
+        # would bind over its target again; bind each distinct file once.
+        targets: list[str] = []
+        for name in FUSERMOUNT_PATHS:
+            if os.path.lexists(name):
+                real = os.path.realpath(name)
+                if os.path.isfile(real) and real not in targets:
+                    targets.append(real)
+        if not targets:
+            # Creating /usr/bin/fusermount3 would modify the host.
+            raise FileNotFoundError("no fusermount3 on the host to bind the zipapp over")
+        return targets
+
+    def spec(self, argv: Sequence[str]) -> sandbox_init.Spec:
+        if not argv:
+            raise ValueError("empty argv")
+        return {
+            "argv": list(argv),
+            "env": dict(self.env),
+            "uid": self.uid,
+            "gid": self.gid,
+            "cwd": self.cwd,
+            "umask": self.umask,
+            "tmpfs": list(self.tmpfs),
+            "binds": list(self.binds),
+        }
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """The host command line that runs `argv` in a new container."""
+        prefix = [] if self._setpriv is None else [self._setpriv, "--pdeathsig", "KILL", "--"]
+        return [
+            *prefix,
+            self._unshare,
+            "--mount",
+            "--propagation",
+            "slave",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "--ipc",
+            sys.executable,
+            "-I",
+            "-S",
+            str(SANDBOX_INIT),
+            json.dumps(self.spec(argv)),
+        ]
+
+    def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> Container:
+        """Start a container. Takes subprocess.Popen's keyword arguments except env."""
+        if "env" in popen_kwargs:
+            raise TypeError("pass the container environment to PodSandbox(env=...)")
+        container = Container(
+            self.command(argv),
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            **popen_kwargs,
+        )
+        self.containers.append(container)
+        # Learn PID 1 (and so the PID namespace) now, while `unshare` is
+        # certainly alive, so that cleanup can always verify it emptied.
+        container.init_pid()
+        return container
+
+    def run(
+        self,
+        argv: Sequence[str],
+        timeout: float | None = 60.0,
+        input: bytes | str | None = None,
+        check: bool = False,
+        capture_output: bool = False,
+        **popen_kwargs: Any,
+    ) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run() for a container; on timeout the container is killed."""
+        if capture_output:
+            popen_kwargs.setdefault("stdout", subprocess.PIPE)
+            popen_kwargs.setdefault("stderr", subprocess.PIPE)
+        if input is not None:
+            popen_kwargs["stdin"] = subprocess.PIPE
+        with self.spawn(argv, **popen_kwargs) as container:
+            try:
+                stdout, stderr = container.communicate(input, timeout=timeout)
+            except BaseException:
+                container.kill()
+                container.wait()
+                raise
+            rc = container.wait()
+        self.containers.remove(container)
+        result = subprocess.CompletedProcess(list(argv), rc, stdout, stderr)
+        if check:
+            result.check_returncode()
+        return result
+
+    def kill_all(self, timeout: float = 10.0) -> None:
+        """SIGKILL every container started here and wait until their processes are gone."""
+        errors: list[BaseException] = []
+        for container in self.containers:
+            try:
+                container.kill()
+                container.wait_gone(timeout)
+            except (OSError, TimeoutError, subprocess.TimeoutExpired) as e:
+                errors.append(e)
+            for stream in (container.stdin, container.stdout, container.stderr):
+                if stream is not None:
+                    stream.close()
+        self.containers.clear()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> PodSandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill_all()

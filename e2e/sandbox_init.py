@@ -1,0 +1,328 @@
+"""First process of a PodSandbox container: set up mounts, drop privileges, exec.
+
+`e2e.sandbox.PodSandbox` runs this as
+
+    unshare --mount --propagation slave --pid --fork --kill-child --mount-proc --ipc \
+        <python> -I -S e2e/sandbox_init.py <json spec>
+
+so it starts as root, as PID 1 of a fresh PID namespace, in a mount namespace
+whose mounts are all slaves of (or private copies of) the host's. It is run as
+a plain script in isolated mode, so it must stay standard-library only and
+import nothing from this package. `e2e.hostenv` reuses its syscall wrappers.
+
+Exit status when the program could not be started: 125 (setup failed), 126
+(found but not executable), 127 (not found) — the same convention as
+podman/docker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import stat
+import sys
+from typing import TypedDict
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+EXIT_SETUP_FAILED = 125
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+# Character devices a container runtime gives every container. /dev/fuse is
+# added separately as a bind of /dev/null.
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+
+
+class BindSpec(TypedDict):
+    dst: str
+    src: str
+    readonly: bool
+
+
+class Spec(TypedDict):
+    argv: list[str]
+    env: dict[str, str]
+    uid: int
+    gid: int
+    cwd: str
+    umask: int
+    tmpfs: list[str]
+    binds: list[BindSpec]
+
+
+class SetupError(Exception):
+    """The sandbox could not be built as specified."""
+
+
+def _raise_errno(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    """mount(2)."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        _raise_errno(f"mount {source!r} on {target!r}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    if _libc.umount2(_b(target), flags) != 0:
+        _raise_errno(f"umount {target!r}")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    res: int = _libc.prctl(option, arg2, arg3, arg4, arg5)
+    if res < 0:
+        _raise_errno(f"prctl({option})")
+    return res
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def clear_capability_sets() -> None:
+    """Empty the effective, permitted and inheritable sets via capset(2).
+
+    setresuid() to a non-zero uid already empties effective/permitted/ambient,
+    but leaves the inheritable set alone.
+    """
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        _raise_errno("capset")
+
+
+def last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
+        return int(f.read())
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, per-mount options, fstype) for each line of our mountinfo."""
+    result = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" ")
+            sep = fields.index("-", 6)
+            result.append((_unescape(fields[4]), fields[5], fields[sep + 1]))
+    return result
+
+
+def _owning_mount_point(path: str) -> str:
+    """Mount point of the mount that contains `path` (which must exist)."""
+    best = "/"
+    for mount_point, _, _ in _mounts():
+        if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(
+            mount_point
+        ) >= len(best):
+            best = mount_point
+    return best
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _ensure_mountpoint(dst: str, is_dir: bool, private: set[str]) -> None:
+    if os.path.lexists(dst):
+        return
+    # Creating the mount point must never write to the host: only create it if
+    # the missing part hangs off one of this sandbox's own tmpfs mounts (and
+    # not off a bind of a host directory that happens to be below it).
+    anchor = _nearest_existing(dst)
+    owner = _owning_mount_point(os.path.realpath(anchor))
+    if owner not in private:
+        raise SetupError(
+            f"{dst} does not exist, and creating it would write to {owner!r} "
+            f"outside the sandbox; bind onto an existing path or below one of {sorted(private)}"
+        )
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if is_dir:
+        os.mkdir(dst, 0o755)
+    else:
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+
+
+def _remount_readonly(dst: str) -> None:
+    # A bind remount replaces all per-mount flags, so keep the ones the bind
+    # inherited from its source.
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    options = ""
+    for mount_point, opts, _ in _mounts():
+        if mount_point == dst:
+            options = opts
+    for name, bit in (("nosuid", MS_NOSUID), ("nodev", MS_NODEV), ("noexec", MS_NOEXEC)):
+        if name in options.split(","):
+            flags |= bit
+    mount(None, dst, None, flags)
+
+
+def _bind_fd(fd: int, dst: str, recursive: bool = True) -> None:
+    # Binding from /proc/self/fd/N uses the file opened before any tmpfs was
+    # mounted, so host paths under /tmp or /run stay reachable as sources.
+    mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | (MS_REC if recursive else 0))
+
+
+def _setup_dev(dev_fds: dict[str, int]) -> None:
+    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m")
+    for name, fd in [*dev_fds.items(), ("fuse", dev_fds["null"])]:
+        path = f"/dev/{name}"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+        _bind_fd(fd, path, recursive=False)
+    os.mkdir("/dev/shm", 0o1777)
+    mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    os.symlink("/proc/self/fd", "/dev/fd")
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"/dev/{name}")
+
+
+def setup(spec: Spec) -> None:
+    """Build the container's mount namespace. Runs as root."""
+    if os.getpid() != 1:
+        raise SetupError("must run as PID 1 of a new PID namespace (unshare --pid --fork)")
+    if os.geteuid() != 0:
+        raise SetupError("must start as root")
+
+    # Open every source before mounting anything: a tmpfs on /tmp or /run would
+    # otherwise hide host paths below them.
+    dev_fds = {n: os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC) for n in DEV_NODES}
+    sources: list[tuple[BindSpec, int, bool]] = []
+    for bind in spec["binds"]:
+        try:
+            fd = os.open(bind["src"], os.O_PATH | os.O_CLOEXEC)
+        except OSError as e:
+            raise SetupError(f"bind source {bind['src']}: {e.strerror}") from e
+        sources.append((bind, fd, stat.S_ISDIR(os.fstat(fd).st_mode)))
+
+    private = {"/dev"}
+    for target in spec["tmpfs"]:
+        if not os.path.isdir(target):
+            raise SetupError(f"tmpfs target {target} is not an existing directory")
+        mode = "1777" if target == "/tmp" else "755"
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=256m")
+        private.add(target)
+
+    _setup_dev(dev_fds)
+
+    # Parents before children, so a bind below another bind lands on top of it.
+    for bind, fd, is_dir in sorted(sources, key=lambda s: s[0]["dst"].rstrip("/").count("/")):
+        dst = bind["dst"]
+        _ensure_mountpoint(dst, is_dir, private)
+        _bind_fd(fd, dst)
+        if bind["readonly"]:
+            _remount_readonly(dst)
+        os.close(fd)
+    for fd in dev_fds.values():
+        os.close(fd)
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become an unprivileged pod user with no way back to any capability."""
+    for cap in range(last_cap() + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    clear_capability_sets()
+    # The kernel clears the parent-death signal when the euid changes; re-arm
+    # it so that killing `unshare` still kills this namespace's PID 1.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _reset_signals() -> None:
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored dispositions survive
+    # execve; a container process must start with defaults.
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: sandbox_init.py <json spec>", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    try:
+        spec: Spec = json.loads(argv[1])
+        setup(spec)
+        drop_privileges(spec["uid"], spec["gid"])
+        os.umask(spec["umask"])
+        os.chdir(spec["cwd"])
+        _reset_signals()
+    except (OSError, SetupError, KeyError, ValueError) as e:
+        print(f"sandbox_init: {e}", file=sys.stderr, flush=True)
+        return EXIT_SETUP_FAILED
+    program = spec["argv"]
+    try:
+        os.execvpe(program[0], program, spec["env"])
+    except FileNotFoundError as e:
+        print(f"sandbox_init: exec {program[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        return EXIT_NOT_FOUND
+    except OSError as e:
+        print(f"sandbox_init: exec {program[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        return EXIT_NOT_EXECUTABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
