@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Build the fusermount3 zipapp from the fusermount3_proxy package.
+
+    python3 scripts/build_zipapp.py [OUTPUT] [--interpreter "/usr/bin/python3 -IS"]
+
+The archive holds the package's .py files and a __main__.py that calls
+fusermount3_proxy.__main__:main. It is built reproducibly: sorted entries,
+fixed timestamps (SOURCE_DATE_EPOCH if set) and permissions, no compression
+(so that running it does not need zlib). The stdlib zipapp module then adds
+the shebang line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+import zipapp
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = "fusermount3_proxy"
+ENTRY_POINT = (f"{PACKAGE}.__main__", "main")
+DEFAULT_OUTPUT = REPO / "build" / "fusermount3"
+# One shebang argument: Linux passes everything after the interpreter path as
+# a single argument, and python accepts the combined "-IS". -I ignores PYTHON*
+# variables and the user's site; -S skips site.py, which also saves startup time.
+DEFAULT_INTERPRETER = "/usr/bin/python3 -IS"
+# The earliest time a zip header can store.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+ZIP_EPOCH_SECONDS = 315532800
+
+MAIN_PY = f"""\
+# -*- coding: utf-8 -*-
+import {ENTRY_POINT[0]}
+{ENTRY_POINT[0]}.{ENTRY_POINT[1]}()
+"""
+
+
+def _date_time() -> tuple[int, int, int, int, int, int]:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return ZIP_EPOCH
+    stamp = time.gmtime(max(int(epoch), ZIP_EPOCH_SECONDS))
+    return (stamp.tm_year, stamp.tm_mon, stamp.tm_mday, stamp.tm_hour, stamp.tm_min, stamp.tm_sec)
+
+
+def _sources(package_dir: Path) -> list[Path]:
+    files = [
+        path
+        for path in package_dir.rglob("*.py")
+        if not {"__pycache__", "tests"} & set(path.parts) and not path.name.startswith("test_")
+    ]
+    return sorted(files, key=lambda path: path.relative_to(package_dir).as_posix())
+
+
+def build_zip(package_dir: Path) -> bytes:
+    """The archive without its shebang line, byte-for-byte reproducible."""
+    date_time = _date_time()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
+        entries = [("__main__.py", MAIN_PY.encode("utf-8"))]
+        for path in _sources(package_dir):
+            arcname = f"{PACKAGE}/{path.relative_to(package_dir).as_posix()}"
+            entries.append((arcname, path.read_bytes()))
+        for arcname, data in entries:
+            info = zipfile.ZipInfo(arcname, date_time=date_time)
+            info.external_attr = 0o100644 << 16
+            info.create_system = 3  # Unix, so that the mode above is honoured
+            archive.writestr(info, data)
+    return buf.getvalue()
+
+
+def build(output: Path, interpreter: str, package_dir: Path = REPO / PACKAGE) -> Path:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    archive = io.BytesIO(build_zip(package_dir))
+    tmp = output.with_name(f".{output.name}.tmp")
+    zipapp.create_archive(archive, tmp, interpreter=interpreter)
+    tmp.chmod(0o755)
+    # Atomic, so an image build or a test never execs a half-written file.
+    tmp.replace(output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = DEFAULT_OUTPUT.relative_to(REPO)
+    parser.add_argument(
+        "output", nargs="?", type=Path, help=f"where to write the zipapp (default: {default})"
+    )
+    parser.add_argument(
+        "-o", "--output", dest="output_option", metavar="OUTPUT", type=Path, help="same as OUTPUT"
+    )
+    parser.add_argument(
+        "--interpreter",
+        default=DEFAULT_INTERPRETER,
+        help=f"the shebang line after '#!' (default: {DEFAULT_INTERPRETER!r})",
+    )
+    args = parser.parse_args(argv)
+    if args.output and args.output_option:
+        parser.error("give the output path once")
+    output = build(args.output or args.output_option or DEFAULT_OUTPUT, args.interpreter)
+    sys.stdout.write(f"{output}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
