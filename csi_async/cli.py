@@ -63,11 +63,6 @@ def main() -> None:
     "allow_other,default_permissions so other uids in the pod can read it  "
     "[env CSI_ASYNC_ALLOW_OTHER; default on]",
 )
-@click.option(
-    "--mount-timeout",
-    type=float,
-    help="seconds a kernel mount or unmount may take  [env CSI_ASYNC_MOUNT_TIMEOUT; default 30]",
-)
 def serve(**flags: Any) -> None:
     """Serve the CSI Identity and Node services and the fd broker.
 

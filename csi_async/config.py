@@ -48,9 +48,6 @@ class Settings(BaseSettings):
         description="Mount FUSE with allow_other (with default_permissions), so "
         "containers running as other uids can read the mount.",
     )
-    mount_timeout: float = Field(
-        default=30.0, gt=0, le=600, description="Seconds a kernel mount/unmount call may take."
-    )
 
     @field_validator("endpoint")
     @classmethod

@@ -84,6 +84,9 @@ def setup(level: str) -> None:
     # grpclib logs "Application error" with a traceback for exceptions that
     # our RPC wrapper already turned into INTERNAL; keep its noise out.
     logging.getLogger("grpclib").setLevel(logging.CRITICAL)
+    # The HTTP/2 stack's debug output is per-frame noise, not ours to show.
+    for noisy in ("hpack", "h2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def log(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

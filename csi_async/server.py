@@ -57,7 +57,6 @@ async def serve(settings: Settings) -> None:
             kubelet_root=settings.kubelet_root,
             state_dir=settings.state_dir,
             policy=policy,
-            mount_timeout=settings.mount_timeout,
             task_group=tg,
         )
         server = Server(

@@ -62,13 +62,11 @@ class VolumeManager:
         kubelet_root: Path,
         state_dir: Path,
         policy: NodePolicy,
-        mount_timeout: float,
         task_group: anyio.abc.TaskGroup,
     ) -> None:
         self._root = PinnedRoot(str(kubelet_root))
         self._socket_root = state_dir / "sockets"
         self._policy = policy
-        self._mount_timeout = mount_timeout
         self._tg = task_group
         self._volumes: dict[str, Published] = {}
         self._busy: set[str] = set()
@@ -224,7 +222,6 @@ class VolumeManager:
             kubelet_root=self._root,
             bound=bound,
             policy=self._policy,
-            mount_timeout=self._mount_timeout,
         )
         await self._tg.start(broker.serve)
         return broker

@@ -39,17 +39,22 @@ class CsiClient:
         self.timeout = timeout
 
     def call(
-        self, path: str, request: betterproto2.Message, response_type: type[R] | None = None
+        self,
+        path: str,
+        request: betterproto2.Message,
+        response_type: type[R] | None = None,
+        timeout: float | None = None,
     ) -> R:
         """One unary call on a fresh channel; raises grpc.RpcError on failure."""
         parse = (response_type or RESPONSES.get(path, csi.ProbeResponse)).parse
-        with grpc.insecure_channel(
-            self.endpoint, options=[("grpc.default_authority", "localhost")]
-        ) as channel:
+        options = [("grpc.default_authority", "localhost"), ("grpc.enable_http_proxy", 0)]
+        with grpc.insecure_channel(self.endpoint, options=options) as channel:
             method = channel.unary_unary(
                 path, request_serializer=bytes, response_deserializer=parse
             )
-            return method(request, timeout=self.timeout)  # type: ignore[no-any-return]
+            return method(  # type: ignore[no-any-return]
+                request, timeout=self.timeout if timeout is None else timeout
+            )
 
     def node_publish(self, request: csi.NodePublishVolumeRequest) -> csi.NodePublishVolumeResponse:
         return self.call("/csi.v1.Node/NodePublishVolume", request, csi.NodePublishVolumeResponse)

@@ -28,10 +28,13 @@ class DriverProcess:
         node_id: str = "node-1",
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        socket_path: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.kubelet_root = kubelet_root
-        self.socket_path = workdir / "csi.sock"
+        # Unix socket paths are limited to 107 bytes; callers with deep
+        # work dirs put the socket elsewhere (e.g. KubeletRoot.csi_socket).
+        self.socket_path = socket_path or workdir / "csi.sock"
         self.endpoint = f"unix://{self.socket_path}"
         self.state_dir = workdir / "state"
         self.log_path = workdir / "driver.log"

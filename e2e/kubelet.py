@@ -54,6 +54,7 @@ from csi_async._proto.csi.v1 import (
     VolumeCapabilityMountVolume,
 )
 from csi_async.mount.mountinfo import is_mount_point
+from e2e.csi_client import CsiClient
 
 M = TypeVar("M", bound=betterproto2.Message)
 T = TypeVar("T")
@@ -162,6 +163,7 @@ class KubeletEmulator:
         # Every RPC sent, in order: (method path, request). Holds secrets if
         # any were sent; tests only.
         self.calls: list[tuple[str, betterproto2.Message]] = []
+        self._client = CsiClient(csi_endpoint, rpc_timeout)
 
     # ---------------------------------------------------------------- paths
 
@@ -267,16 +269,10 @@ class KubeletEmulator:
     ) -> M:
         """One unary RPC on a fresh connection, like kubelet's newGrpcConn + defer Close."""
         self.calls.append((method, request))
-        options = [("grpc.default_authority", "localhost"), ("grpc.enable_http_proxy", 0)]
-        with grpc.insecure_channel(self.csi_endpoint, options=options) as channel:
-            rpc = channel.unary_unary(
-                method, request_serializer=bytes, response_deserializer=response_type.parse
-            )
-            try:
-                response: M = rpc(request, timeout=self.rpc_timeout if timeout is None else timeout)
-            except grpc.RpcError as e:
-                raise CsiError(e.code(), e.details() or "", method) from None
-        return response
+        try:
+            return self._client.call(method, request, response_type, timeout)
+        except grpc.RpcError as e:
+            raise CsiError(e.code(), e.details() or "", method) from None
 
     def get_plugin_info(self) -> GetPluginInfoResponse:
         return self.call(

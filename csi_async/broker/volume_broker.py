@@ -72,6 +72,8 @@ class ActiveMount:
     kernel_mount_id: int
     uid: int
     gid: int
+    # Cancels the task that watches the daemon's process (see _watch_daemon).
+    watch: anyio.CancelScope | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +103,13 @@ class VolumeBroker:
         kubelet_root: PinnedRoot,
         bound: sockets.BoundSocket,
         policy: NodePolicy,
-        mount_timeout: float,
     ) -> None:
         self.target = target
         self._root = kubelet_root
         self._bound = bound
         self._policy = policy
-        self._mount_timeout = mount_timeout
         self._lock = anyio.Lock()
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._active: ActiveMount | None = None
         self._cancel_scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
@@ -128,6 +129,7 @@ class VolumeBroker:
                 self._cancel_scope = scope
                 task_status.started()
                 async with anyio.create_task_group() as tg:
+                    self._tasks = tg
                     while True:
                         await anyio.wait_readable(self._bound.sock)
                         try:
@@ -157,9 +159,11 @@ class VolumeBroker:
 
     async def close(self) -> None:
         """Unpublish: stop listening, remove the socket, unmount what we mounted."""
-        await self._stop_serving()
-        sockets.remove(self._bound)
+        # Taking the lock first lets a mount in progress finish (and be
+        # recorded) instead of landing after we have cleaned up.
         async with self._lock:
+            await self._stop_serving()
+            sockets.remove(self._bound)
             await self._detach_all()
 
     # ------------------------------------------------------------------ one connection
@@ -241,7 +245,7 @@ class VolumeBroker:
             )
         except OptionRefused as err:
             raise BrokerError(err.errno, err.message) from None
-        made = await self._blocking(lambda: self._mount_on_target(spec))
+        made = await _blocking(lambda: self._mount_on_target(spec))
         token = next(_mount_tokens)
         try:
             frame = wire.response_frame(ok=True, mount_id=token)
@@ -249,11 +253,14 @@ class VolumeBroker:
         except (OSError, TimeoutError):
             # The program never got the fd: a mount nobody serves would hang
             # every reader, so take it down again.
-            await self._blocking(lambda: _detach_and_close(made.mount_fd))
+            await _blocking(lambda: _detach_and_close(made.mount_fd))
             raise
         finally:
             os.close(made.fuse_fd)
-        self._active = ActiveMount(made.mount_fd, token, made.mount_id, peer.uid, peer.gid)
+        watch = anyio.CancelScope()
+        self._active = ActiveMount(made.mount_fd, token, made.mount_id, peer.uid, peer.gid, watch)
+        if self._tasks is not None:
+            self._tasks.start_soon(self._watch_daemon, token, peer.pid, watch)
 
     def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
         if mounts_at(self.target.absolute):
@@ -270,20 +277,65 @@ class VolumeBroker:
         active = self._active
         if active is None:
             return
-        dead = await anyio.to_thread.run_sync(
-            lambda: fuse.connection_is_dead(
-                active.mount_fd, active.uid, active.gid, not self._policy.allow_other, PROBE_TIMEOUT
-            )
-        )
-        if not dead:
+        if not await self._is_dead(active):
             raise BrokerError(
                 errno.EBUSY,
                 "the volume is already mounted and its FUSE daemon is still running "
                 "(unmount it first with fusermount3 -u)",
             )
         # The daemon died: clean its dead mount and let this request mount anew.
-        await self._blocking(lambda: _detach_and_close(active.mount_fd))
+        await self._forget(active)
+
+    async def _is_dead(self, active: ActiveMount) -> bool:
+        return await anyio.to_thread.run_sync(
+            lambda: fuse.connection_is_dead(
+                active.mount_fd, active.uid, active.gid, not self._policy.allow_other, PROBE_TIMEOUT
+            )
+        )
+
+    async def _forget(self, active: ActiveMount) -> None:
+        """Detach our mount and drop it (caller holds the lock)."""
+        if active.watch is not None:
+            active.watch.cancel()
         self._active = None
+        await _blocking(lambda: _detach_and_close(active.mount_fd))
+
+    async def _watch_daemon(self, token: int, peer_pid: int, scope: anyio.CancelScope) -> None:
+        """Detach the mount soon after its FUSE daemon dies.
+
+        A dead mount answers ENOTCONN to everyone and, in Kubernetes, keeps
+        a restarted container from even binding the volume. The daemon is
+        the process that ran fusermount3 (the peer's parent), or the peer
+        itself (the starter). When one of them exits, the mount is probed;
+        only a dead connection is detached, so watching the wrong process
+        costs a probe, never a live mount.
+        """
+        with scope:
+            pidfds = _pidfds_of(peer_pid)
+            try:
+                while pidfds:
+                    exited = await _first_readable(pidfds)
+                    pidfds.remove(exited)
+                    os.close(exited)
+                    async with self._lock:
+                        active = self._active
+                        if active is None or active.token != token:
+                            return
+                        if await self._is_dead(active):
+                            active_watch, active.watch = active.watch, None
+                            await self._forget(active)
+                            logs.log(
+                                log,
+                                logging.INFO,
+                                "FUSE daemon exited; detached its dead mount",
+                                **{logs.TARGET: self.target.absolute,
+                                   logs.VOLUME_ID: self.target.volume_id},
+                            )  # fmt: skip
+                            del active_watch
+                            return
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
 
     # ------------------------------------------------------------------ UNMOUNT
 
@@ -293,20 +345,21 @@ class VolumeBroker:
             request["mount_id"] is not None and request["mount_id"] != active.token
         ):
             raise BrokerError(errno.EINVAL, f"entry for {request['mountpoint']} not found")
-        await self._blocking(lambda: _detach_and_close(active.mount_fd))
-        self._active = None
-        await framing.send_frame(
-            conn,
-            wire.response_frame(ok=True, mount_id=active.token),
-            None,
-            protocol.READ_TIMEOUT,
-        )
+        await self._forget(active)
+        try:
+            await framing.send_frame(
+                conn,
+                wire.response_frame(ok=True, mount_id=active.token),
+                None,
+                protocol.READ_TIMEOUT,
+            )
+        except (OSError, TimeoutError):
+            pass  # done either way; a watcher may not wait for the answer
 
     async def _detach_all(self) -> None:
-        active, self._active = self._active, None
-        if active is not None:
-            await self._blocking(lambda: _detach_and_close(active.mount_fd))
-        await self._blocking(self._detach_leftovers)
+        if self._active is not None:
+            await self._forget(self._active)
+        await _blocking(self._detach_leftovers)
 
     def _detach_leftovers(self) -> None:
         """Detach FUSE mounts at the target that no fd of ours pins (e.g. from
@@ -322,13 +375,69 @@ class VolumeBroker:
             finally:
                 os.close(parent_fd)
 
-    async def _blocking(self, fn: Callable[[], T]) -> T:
-        """Run a syscall that may touch a FUSE connection off the event loop."""
+
+async def _blocking(fn: Callable[[], T]) -> T:
+    """Run a mount syscall off the event loop.
+
+    Not abandoned on cancellation: these calls never wait for a FUSE daemon
+    (a new FUSE superblock sends INIT without waiting; MNT_DETACH does not
+    talk to the daemon), and abandoning one half-way could leak a mount.
+    The one call that does reach a daemon, the liveness probe, runs in its
+    own thread with a timeout (fuse.connection_is_dead).
+    """
+    return await anyio.to_thread.run_sync(fn)
+
+
+def _pidfds_of(peer_pid: int) -> list[int]:
+    """pidfds of the peer and of its parent, opened race-free.
+
+    The parent is read after the peer's pidfd is held, and checked again
+    afterwards, so a recycled pid cannot slip in. A peer in a pid namespace
+    we cannot see has pid 0: nothing to watch.
+    """
+    if peer_pid <= 0:
+        return []
+    try:
+        peer_fd = os.pidfd_open(peer_pid)
+    except OSError:
+        return []
+    fds = [peer_fd]
+    parent = _parent_of(peer_pid)
+    if parent is not None and parent > 1:
         try:
-            with anyio.fail_after(self._mount_timeout):
-                return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
-        except TimeoutError:
-            raise BrokerError(errno.ETIMEDOUT, "the kernel mount call timed out") from None
+            parent_fd = os.pidfd_open(parent)
+        except OSError:
+            return fds
+        if _parent_of(peer_pid) == parent:
+            fds.append(parent_fd)
+        else:
+            os.close(parent_fd)
+    return fds
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses; fields follow the last ')'.
+    return int(stat_line.rpartition(")")[2].split()[1])
+
+
+async def _first_readable(fds: list[int]) -> int:
+    """Wait until one of the fds (pidfds) is readable, i.e. that process exited."""
+    winner: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def wait_for(fd: int) -> None:
+            await anyio.wait_readable(fd)
+            winner.append(fd)
+            tg.cancel_scope.cancel()
+
+        for fd in fds:
+            tg.start_soon(wait_for, fd)
+    return winner[0]
 
 
 def _detach_and_close(mount_fd: int) -> None:

@@ -1,0 +1,261 @@
+"""Unprivileged libfuse3 programs mount through the zipapp and the broker.
+
+Every test runs the real driver, real kernel FUSE mounts, and the FUSE
+program as uid 65534 with no capabilities in a sandboxed "pod" whose
+/usr/bin/fusermount3 is our zipapp.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from csi_async.mount.mountinfo import mounts_at
+from e2e.kubelet import Pod
+from e2e.node import FuseVolume, Node
+from e2e.sandbox import Container, PodSandbox
+
+HELLO_TEXT = "Hello World!\n"
+# What a FUSE mount whose daemon is gone answers.
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+DATA = "/run/data"
+
+
+def start(sandbox: PodSandbox, argv: list[str]) -> Container:
+    return sandbox.spawn(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def mounted_or_explain(node: Node, volume: FuseVolume, program: Container, timeout: float = 15):
+    try:
+        return node.wait_mounted(volume.target, timeout)
+    except TimeoutError:
+        program.kill()
+        raise AssertionError(
+            f"not mounted; program stderr:\n{program.stderr.read().decode()}\n"
+            f"driver log:\n{node.driver.log_text()[-3000:]}"
+        ) from None
+
+
+def read_as_other_uid(node: Node, volume: FuseVolume, path: str) -> str:
+    """Read through the mount from a separate container running as uid 1000."""
+    reader = node.sandbox({DATA: volume.target}, uid=1000, gid=1000)
+    result = reader.run(["cat", f"{DATA}/{path}"], capture_output=True, timeout=15)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode()
+
+
+@pytest.mark.parametrize("mode", ["native", "meta-fuse"])
+def test_hello_mounts_unprivileged_and_other_processes_read_it(
+    node: Node, fuse_examples: Path, mode: str
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"), mode=mode)
+    sandbox = node.sandbox(volume.binds(DATA), env=volume.env)
+    hello = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    mount = mounted_or_explain(node, volume, hello)
+
+    assert mount.fstype == "fuse.hello"
+    assert "user_id=65534" in mount.super_options
+    # A separate process on the node reads at the kubelet target path...
+    assert (volume.target / "hello").read_text() == HELLO_TEXT
+    # ...and a second "container" of another uid reads through propagation.
+    assert read_as_other_uid(node, volume, "hello") == HELLO_TEXT
+
+    result = sandbox.run(["fusermount3", "-u", DATA], capture_output=True, timeout=15)
+    assert result.returncode == 0, result.stderr
+    node.wait_unmounted(volume.target)
+    assert hello.wait(15) == 0
+
+
+def test_passthrough_reads_and_writes_through_the_mount(
+    node: Node, fuse_examples: Path, tmp_path: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    source = tmp_path / "source"
+    source.mkdir()
+    source.chmod(0o777)
+    (source / "input.txt").write_text("through passthrough\n")
+    (source / "input.txt").chmod(0o644)
+    sandbox = node.sandbox({**volume.binds(DATA), "/run/source": source})
+    program = start(sandbox, [str(fuse_examples / "passthrough"), "-f", DATA])
+    mounted_or_explain(node, volume, program)
+
+    reader = node.sandbox({DATA: volume.target})
+    cat = reader.run(["cat", f"{DATA}/run/source/input.txt"], capture_output=True, timeout=15)
+    assert cat.stdout == b"through passthrough\n", cat.stderr
+    write = reader.run(
+        ["sh", "-c", f"echo written > {DATA}/run/source/output.txt"], capture_output=True,
+        timeout=15,
+    )  # fmt: skip
+    assert write.returncode == 0, write.stderr
+    assert (source / "output.txt").read_text() == "written\n"
+
+
+def test_a_read_only_volume_mounts_read_only(node: Node, fuse_examples: Path) -> None:
+    volume = node.publish_fuse_volume(Pod("app"), readonly=True)
+    sandbox = node.sandbox(volume.binds(DATA))
+    hello = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    mount = mounted_or_explain(node, volume, hello)
+    assert "ro" in mount.mount_options
+    assert "ro" in mount.super_options
+
+
+def test_suid_and_dev_never_appear(node: Node, fuse_examples: Path) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    # libfuse turns -o suid,dev into a flag string without nosuid/nodev.
+    hello = start(sandbox, [str(fuse_examples / "hello"), "-f", "-o", "suid,dev", DATA])
+    mount = mounted_or_explain(node, volume, hello)
+    assert {"nosuid", "nodev"} <= set(mount.mount_options)
+
+
+def test_a_forbidden_option_is_refused_on_the_programs_stderr(
+    node: Node, fuse_examples: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    # libfuse passes SELinux context options straight to the helper.
+    result = sandbox.run(
+        [str(fuse_examples / "hello"), "-f", "-o", "context=system_u:object_r:tmp_t:s0", DATA],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "fusermount3: option 'context=system_u:object_r:tmp_t:s0' refused" in (
+        result.stderr.decode()
+    )
+    assert not mounts_at(os.fspath(volume.target))
+
+
+def test_auto_unmount_cleans_up_after_the_program_is_killed(
+    node: Node, fuse_examples: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    # A shell is PID 1 and outlives hello, so killing hello does not take
+    # the watcher (our fusermount3, hello's child) down with the container.
+    container = sandbox.spawn(
+        ["sh", "-c", f"{fuse_examples / 'hello'} -f -o auto_unmount {DATA} & sleep 600"]
+    )
+    mounted_or_explain(node, volume, container)
+    hello_pids = [pid for pid in container.processes() if _comm(pid) == "hello"]
+    assert len(hello_pids) == 1
+    os.kill(hello_pids[0], signal.SIGKILL)
+    node.wait_unmounted(volume.target, timeout=15)
+
+
+def test_the_program_killed_and_restarted_mounts_again_through_the_same_socket(
+    node: Node, fuse_examples: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    first = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    mounted_or_explain(node, volume, first)
+    first.kill()  # SIGKILL of the container: no helper survives to unmount
+    first.wait(15)
+    # The broker watched the daemon's process and detached the dead mount,
+    # so a restarted container can bind the volume again.
+    node.wait_unmounted(volume.target)
+    second = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    mounted_or_explain(node, volume, second)
+    assert read_as_other_uid(node, volume, "hello") == HELLO_TEXT
+
+
+def test_a_dead_mount_the_broker_could_not_watch_is_replaced_on_the_next_mount(
+    node: Node, fuse_examples: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    # Without -f hello daemonizes: the process that ran fusermount3 exits
+    # while the mount lives on, so the broker stops watching it.
+    container = sandbox.spawn(["sh", "-c", f"{fuse_examples / 'hello'} {DATA}; sleep 600"])
+    mounted_or_explain(node, volume, container)
+    deadline = time.monotonic() + 15
+    while not (daemons := [p for p in container.processes() if _comm(p) == "hello"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(daemons[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:  # the dead mount stays: reads fail with ENOTCONN
+        try:
+            (volume.target / "hello").read_text()
+        except OSError as err:
+            assert err.errno in DEAD
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # A new MOUNT finds the connection dead, detaches it and mounts fresh.
+    # (This container does not bind the volume: binding a dead FUSE mount
+    # fails with ENOTCONN. The mountpoint a program names is advisory; the
+    # broker mounts on the volume's target.)
+    restarter = node.sandbox(dict(volume.socket_binds))
+    restarted = start(restarter, [str(fuse_examples / "hello"), "-f", "/tmp"])
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert (volume.target / "hello").read_text() == HELLO_TEXT
+            break
+        except OSError as err:
+            assert err.errno in DEAD
+            assert time.monotonic() < deadline, "the dead mount was never replaced"
+            time.sleep(0.05)
+    assert restarted.poll() is None
+    assert len([m for m in mounts_at(os.fspath(volume.target)) if m.is_fuse]) == 1
+
+
+def test_a_second_mount_while_the_first_daemon_lives_is_busy(
+    node: Node, fuse_examples: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    first = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    mounted_or_explain(node, volume, first)
+    second = sandbox.run([str(fuse_examples / "hello"), "-f", DATA], capture_output=True,
+                         timeout=30)  # fmt: skip
+    assert second.returncode != 0
+    assert "already mounted" in second.stderr.decode()
+    assert first.poll() is None
+
+
+def test_starter_mode_runs_the_program_on_dev_fd(node: Node, fuse_examples: Path) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    starter = start(
+        sandbox, ["fusermount3", "--start", "--", str(fuse_examples / "hello"), "-f", "/dev/fd/N"]
+    )
+    mounted_or_explain(node, volume, starter)
+    assert read_as_other_uid(node, volume, "hello") == HELLO_TEXT
+    starter.send_signal(signal.SIGTERM)
+    # The starter forwards SIGTERM to hello and exits with hello's status:
+    # libfuse 3.14 reports a session loop ended by a signal as exit 8.
+    assert starter.wait(15) == 8
+    node.wait_unmounted(volume.target)
+
+
+def test_unpublish_with_a_live_mount_unmounts_and_removes_everything(
+    node: Node, fuse_examples: Path
+) -> None:
+    pod = Pod("app")
+    volume = node.publish_fuse_volume(pod)
+    sandbox = node.sandbox(volume.binds(DATA))
+    hello = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    mounted_or_explain(node, volume, hello)
+    socket_dir = volume.socket_binds["/run/csi-async"]
+
+    node.unpublish(pod, "data")
+    node.unpublish(pod, "data-broker")
+    assert not mounts_at(os.fspath(volume.target))
+    assert not volume.target.exists()
+    assert not socket_dir.exists()
+    assert hello.wait(15) is not None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
