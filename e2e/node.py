@@ -92,14 +92,19 @@ class Node:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        leftovers: list[str] = []
         try:
             for sandbox in self._sandboxes:
                 sandbox.kill_all()
             for pod, name in reversed(self._published):
                 self.kubelet.unpublish(pod, name, strict=False)
+            # Unpublishing everything must leave no FUSE mount on the node.
+            leftovers = [m.mount_point for m in self.root.mounts() if m.is_fuse]
         finally:
             self.driver.stop()
             self.root.teardown()
+        if leftovers and exc_type is None:
+            raise AssertionError(f"FUSE mounts left after unpublishing every volume: {leftovers}")
 
     # ---------------------------------------------------------------- volumes
 

@@ -174,10 +174,14 @@ def test_a_dead_mount_the_broker_could_not_watch_is_replaced_on_the_next_mount(
     # while the mount lives on, so the broker stops watching it.
     container = sandbox.spawn(["sh", "-c", f"{fuse_examples / 'hello'} {DATA}; sleep 600"])
     mounted_or_explain(node, volume, container)
+    # Once the shell has moved on to `sleep`, the foreground hello has exited
+    # and the only hello left is the daemon serving the mount.
     deadline = time.monotonic() + 15
-    while not (daemons := [p for p in container.processes() if _comm(p) == "hello"]):
+    while "sleep" not in [_comm(p) for p in container.processes()]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    daemons = [p for p in container.processes() if _comm(p) == "hello"]
+    assert len(daemons) == 1
     os.kill(daemons[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
     while True:  # the dead mount stays: reads fail with ENOTCONN
