@@ -111,6 +111,9 @@ class Container(subprocess.Popen[Any]):
 
     _init_pid: int | None = None
     _pidns: tuple[int, int] | None = None
+    # Held open so the namespace's inode number cannot be handed to a newer
+    # container while we still compare against it (nsfs recycles numbers).
+    _pidns_fd: int | None = None
 
     def init_pid(self, timeout: float = 5.0) -> int | None:
         """Host PID of the container's PID 1; None once the container is gone."""
@@ -120,9 +123,11 @@ class Container(subprocess.Popen[Any]):
                 return None
             for pid in (p for p in _all_pids() if _ppid(p) == self.pid):
                 try:
-                    st = os.stat(f"/proc/{pid}/ns/pid")
+                    ns_fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:
                     continue  # exited already; `unshare` is about to follow
+                st = os.fstat(ns_fd)
+                self._pidns_fd = ns_fd
                 self._pidns = (st.st_dev, st.st_ino)
                 self._init_pid = pid
                 break
@@ -189,8 +194,31 @@ class Container(subprocess.Popen[Any]):
         deadline = time.monotonic() + timeout
         while ns is not None and pids_in_pidns(ns):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"processes left in container {self.pid}: {pids_in_pidns(ns)}")
+                left = [_describe(pid) for pid in pids_in_pidns(ns)]
+                raise TimeoutError(f"processes left in container {self.pid}: {left}")
             time.sleep(0.01)
+        if self._pidns_fd is not None:
+            os.close(self._pidns_fd)
+            self._pidns_fd = None
+
+
+def _describe(pid: int) -> str:
+    """pid, command, state and kernel wait channel: why a process will not die."""
+    parts = [str(pid)]
+    for name in ("cmdline", "wchan"):
+        try:
+            parts.append(Path(f"/proc/{pid}/{name}").read_text().replace("\0", " ").strip())
+        except OSError:
+            parts.append("?")
+    fields = _stat_fields(pid)
+    parts.append(f"state={fields[0] if fields else '?'} ppid={fields[1] if fields else '?'}")
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        parts += [line for line in status.splitlines() if line.startswith(("SigPnd", "ShdPnd",
+                  "SigBlk", "NSpid", "Threads"))]  # fmt: skip
+    except OSError:
+        pass
+    return " | ".join(parts)
 
 
 class PodSandbox:
