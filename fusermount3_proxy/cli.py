@@ -20,7 +20,7 @@ from fusermount3_proxy.__main__ import USAGE, version_line, write
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from fusermount3_proxy.protocol import MountRequest, UnmountRequest
+    pass
 
 _SHORT_OPTIONS = "hVo:uzq"
 # long name -> (short key, takes an argument). "--sync-init" is deliberately
@@ -274,36 +274,22 @@ def _mount(progname: str, mnt: str, opts: str | None, cfd: int) -> int:
 
     options = split_options(opts or "")
     auto_unmount = "auto_unmount" in options
-    request: MountRequest = {
-        "op": "mount",
-        "options": options,
-        "mountpoint": mnt,
-        "auto_unmount": auto_unmount,
-    }
     try:
-        response, fd = client.exchange(request)
+        mount_id, fd = client.mount(options, mnt, auto_unmount)
     except client.BrokerError as err:
         _error(progname, str(err))
         return 1
-    if not response["ok"]:
-        _error(progname, client.describe(response))
-        return 1
-    mount_id = response["mount_id"]
 
     delivered = False
     try:
-        if fd is None:
-            _error(progname, "the csi-async broker reported a mount but sent no file descriptor")
+        try:
+            _send_fd(cfd, fd)
+        except OSError as err:
+            _error(progname, f"sending file descriptor: {err.strerror or err}")
         else:
-            try:
-                _send_fd(cfd, fd)
-            except OSError as err:
-                _error(progname, f"sending file descriptor: {err.strerror or err}")
-            else:
-                delivered = True
+            delivered = True
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
         # Also reached on KeyboardInterrupt: a mount whose fd never reached
         # the FUSE program would otherwise stay behind, dead.
         if not delivered:
@@ -339,40 +325,25 @@ def _send_fd(cfd: int, fd: int) -> None:
 def _rollback(progname: str, mnt: str, mount_id: int | None) -> None:
     from fusermount3_proxy import client
 
-    request: UnmountRequest = {
-        "op": "unmount",
-        "mountpoint": mnt,
-        "lazy": True,
-        "mount_id": mount_id,
-    }
     try:
-        response, _ = client.exchange(request)
+        client.unmount(mnt, mount_id=mount_id)
     except client.BrokerError as err:
         _error(progname, f"failed to undo the mount: {err}")
-        return
-    if not response["ok"]:
-        _error(progname, f"failed to undo the mount: {client.describe(response)}")
 
 
 def _unmount(progname: str, mnt: str, lazy: bool, quiet: bool) -> int:
     from fusermount3_proxy import client
 
-    request: UnmountRequest = {
-        "op": "unmount",
-        "mountpoint": mnt,
-        "lazy": lazy,
-        "mount_id": None,
-    }
     try:
-        response, _ = client.exchange(request)
+        client.unmount(mnt, lazy=lazy)
+    except client.Refused as err:
+        if not quiet:
+            _error(progname, str(err))
+        return 1
     except client.BrokerError as err:
         # Not silenced by -q: -q hides "not mounted"-style refusals, while a
         # broker that cannot be reached is a deployment problem worth seeing.
         _error(progname, str(err))
-        return 1
-    if not response["ok"]:
-        if not quiet:
-            _error(progname, client.describe(response))
         return 1
     return 0
 
@@ -416,14 +387,8 @@ def _watch(cfd: int, mnt: str, mount_id: int | None) -> int:
             break
     sock.close()
 
-    request: UnmountRequest = {
-        "op": "unmount",
-        "mountpoint": mnt,
-        "lazy": True,
-        "mount_id": mount_id,
-    }
     try:
-        client.exchange(request, path=path)
+        client.unmount(mnt, mount_id=mount_id, path=path)
     except client.BrokerError:
         # stderr is /dev/null by now and the exit status is not looked at:
         # there is nobody left to tell.

@@ -14,7 +14,7 @@ import socket
 import time
 
 from fusermount3_proxy import protocol
-from fusermount3_proxy.protocol import Request, Response
+from fusermount3_proxy.protocol import MountRequest, Request, Response, UnmountRequest
 
 # Room for exactly one fd: a broker that attaches more gets MSG_CTRUNC, and the
 # kernel discards the fds that did not fit instead of installing them here.
@@ -46,6 +46,10 @@ class BrokerUnreachable(BrokerError):
         self.errno = code
 
 
+class Refused(BrokerError):
+    """The broker answered, and said no; str() is its reason."""
+
+
 def socket_path() -> str:
     """Where the broker listens: the environment, else the built-in default."""
     # An empty value is treated as unset: connecting to "" can only fail.
@@ -59,6 +63,39 @@ def describe(response: Response) -> str:
     if response["errno"]:
         return os.strerror(response["errno"])
     return "the csi-async broker refused the request"
+
+
+def mount(options: list[str], mountpoint: str, auto_unmount: bool) -> tuple[int | None, int]:
+    """Ask for this volume's mount; return (mount id, /dev/fuse fd). The fd is the caller's."""
+    request: MountRequest = {
+        "op": "mount",
+        "options": options,
+        "mountpoint": mountpoint,
+        "auto_unmount": auto_unmount,
+    }
+    response, fd = exchange(request)
+    if not response["ok"]:
+        raise Refused(describe(response))
+    if fd is None:
+        # A broker that says yes without the fd broke the protocol; undo it.
+        unmount(mountpoint, mount_id=response["mount_id"])
+        raise BrokerError("the csi-async broker reported a mount but sent no file descriptor")
+    return response["mount_id"], fd
+
+
+def unmount(
+    mountpoint: str, *, lazy: bool = True, mount_id: int | None = None, path: str | None = None
+) -> None:
+    """Ask for this volume's mount to be detached (only mount_id's, if given)."""
+    request: UnmountRequest = {
+        "op": "unmount",
+        "mountpoint": mountpoint,
+        "lazy": lazy,
+        "mount_id": mount_id,
+    }
+    response, _ = exchange(request, path=path)
+    if not response["ok"]:
+        raise Refused(describe(response))
 
 
 def exchange(

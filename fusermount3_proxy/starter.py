@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import subprocess
     from types import FrameType
 
-    from fusermount3_proxy.protocol import MountRequest, UnmountRequest
 
 PLACEHOLDER = "/dev/fd/N"
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -119,24 +118,10 @@ def _start(progname: str, opts: str | None, keep_mount: bool, program: list[str]
     for name in FORWARDED_SIGNALS:
         signal.signal(getattr(signal, name), forward)
 
-    request: MountRequest = {
-        "op": "mount",
-        "options": split_options(opts or ""),
-        "mountpoint": PLACEHOLDER,
-        "auto_unmount": False,
-    }
     try:
-        response, fd = client.exchange(request)
+        mount_id, fd = client.mount(split_options(opts or ""), PLACEHOLDER, auto_unmount=False)
     except client.BrokerError as err:
         _error(progname, str(err))
-        return 1
-    if not response["ok"]:
-        _error(progname, client.describe(response))
-        return 1
-    mount_id = response["mount_id"]
-    if fd is None:
-        _error(progname, "the csi-async broker reported a mount but sent no file descriptor")
-        _unmount(progname, mount_id)
         return 1
     if pending:
         # Told to stop before the program ran: nothing to forward to.
@@ -170,19 +155,10 @@ def _start(progname: str, opts: str | None, keep_mount: bool, program: list[str]
 def _unmount(progname: str, mount_id: int | None) -> None:
     from fusermount3_proxy import client
 
-    request: UnmountRequest = {
-        "op": "unmount",
-        "mountpoint": PLACEHOLDER,
-        "lazy": True,
-        "mount_id": mount_id,
-    }
     try:
-        response, _ = client.exchange(request)
+        client.unmount(PLACEHOLDER, mount_id=mount_id)
     except client.BrokerError as err:
         _error(progname, f"failed to unmount: {err}")
-        return
-    if not response["ok"]:
-        _error(progname, f"failed to unmount: {client.describe(response)}")
 
 
 def _error(progname: str, message: str) -> None:
