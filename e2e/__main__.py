@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from e2e.demo import run_demo
 from e2e.kubelet import KubeletEmulator
 from e2e.sandbox import PodSandbox
 
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--bind", action="append", default=[], metavar="CPATH=HOSTPATH")
         if name == "sandbox-run":
             p.add_argument("argv", nargs="+")
+    p = sub.add_parser("demo", help="the narrated sshfs demo (see e2e/demo.py)")
+    p.add_argument("--zipapp", required=True, help="the built fusermount3 zipapp")
     p = sub.add_parser("csi-info", help="GetPluginInfo, Probe, NodeGetInfo, NodeGetCapabilities")
     p.add_argument("--endpoint", required=True, help="unix:///path/to/csi.sock")
     p.add_argument("--driver", default="", help="expected driver name")
@@ -105,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("sandboxes need root (mount and PID namespaces, bind mounts)", file=sys.stderr)
         return 1
+    if args.command == "demo":
+        try:
+            return run_demo(Path(args.zipapp))
+        except Exception as err:
+            print(f"\ndemo failed: {err}", file=sys.stderr)
+            return 1
     with (
         _zipapp(args.zipapp) as zipapp,
         PodSandbox(_binds(args.bind), zipapp, uid=args.uid, gid=args.gid) as sandbox,

@@ -10,6 +10,6 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 bash scripts/bootstrap.sh
-.venv/bin/python scripts/build_zipapp.py build/fusermount3 >/dev/null
+.venv/bin/python scripts/build_zipapp.py -o build/fusermount3 >/dev/null
 bash scripts/build_fuse_examples.sh >/dev/null
 exec .venv/bin/python -m pytest "$@"
