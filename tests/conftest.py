@@ -62,4 +62,3 @@ def node(tmp_path: Path, zipapp: Path) -> Iterator[Node]:
     """A simulated node: shared kubelet root, the real driver, a kubelet emulator."""
     with Node(tmp_path, zipapp) as simulated:
         yield simulated
-
