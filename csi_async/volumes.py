@@ -33,7 +33,10 @@ from csi_async.mount.paths import PinnedRoot, make_directory, open_child_dir, re
 log = logging.getLogger("csi_async.volumes")
 
 NATIVE_SOCKET_NAME = "fuse.sock"
-TARGET_MODE = 0o750
+# World-readable: before the FUSE mount covers it, the pod's FUSE program
+# (any uid) must be able to list it (libfuse2 checks that it is empty,
+# gocryptfs opens it). The pods directory above it keeps other pods out.
+TARGET_MODE = 0o755
 SOCKET_DIR_MODE = 0o755
 
 

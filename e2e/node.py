@@ -56,8 +56,11 @@ class Node:
         *,
         driver_args: list[str] | None = None,
         driver_name: str = DEFAULT_DRIVER_NAME,
+        shared_binds: dict[str, Path] | None = None,
     ) -> None:
         self.workdir = workdir
+        # Bound into every container, like binaries baked into an image.
+        self.shared_binds = dict(shared_binds or {})
         self.zipapp = zipapp
         self.driver_name = driver_name
         self.root = KubeletRoot()
@@ -164,7 +167,7 @@ class Node:
     # ---------------------------------------------------------------- pods
 
     def sandbox(self, binds: dict[str, Path], **kwargs: Any) -> PodSandbox:
-        sandbox = PodSandbox(binds, self.zipapp, **kwargs)
+        sandbox = PodSandbox({**self.shared_binds, **binds}, self.zipapp, **kwargs)
         self._sandboxes.append(sandbox)
         return sandbox
 

@@ -341,20 +341,16 @@ class VolumeBroker:
 
     async def _unmount(self, conn: socket.socket, request: UnmountRequest) -> None:
         active = self._active
-        if active is None or (
-            request["mount_id"] is not None and request["mount_id"] != active.token
-        ):
+        named = request["mount_id"]
+        if named is not None and (active is None or named != active.token):
+            # The mount it names is already gone (its daemon died and we
+            # detached it, or it was unmounted): nothing left to do.
+            await _answer_ok(conn, named)
+            return
+        if active is None:
             raise BrokerError(errno.EINVAL, f"entry for {request['mountpoint']} not found")
         await self._forget(active)
-        try:
-            await framing.send_frame(
-                conn,
-                wire.response_frame(ok=True, mount_id=active.token),
-                None,
-                protocol.READ_TIMEOUT,
-            )
-        except (OSError, TimeoutError):
-            pass  # done either way; a watcher may not wait for the answer
+        await _answer_ok(conn, active.token)
 
     async def _detach_all(self) -> None:
         if self._active is not None:
@@ -374,6 +370,15 @@ class VolumeBroker:
                 fuse.detach_path(parent_fd, name)
             finally:
                 os.close(parent_fd)
+
+
+async def _answer_ok(conn: socket.socket, mount_id: int) -> None:
+    try:
+        await framing.send_frame(
+            conn, wire.response_frame(ok=True, mount_id=mount_id), None, protocol.READ_TIMEOUT
+        )
+    except (OSError, TimeoutError):
+        pass  # done either way; a watcher may not wait for the answer
 
 
 async def _blocking(fn: Callable[[], T]) -> T:
