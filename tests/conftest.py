@@ -46,19 +46,35 @@ def zipapp() -> Iterator[Path]:
     directory.rmdir()
 
 
+# Where the example binaries appear inside every sandboxed container.
+EXAMPLES_IN_CONTAINERS = Path("/run/examples")
+
+
 @pytest.fixture(scope="session")
-def fuse_examples() -> Path:
+def fuse_examples_on_host() -> Path:
     """libfuse3's example filesystems (hello, passthrough), compiled from Debian's sources."""
     out = REPO / "build" / "fuse-examples"
     subprocess.run(
         ["bash", str(REPO / "scripts" / "build_fuse_examples.sh"), str(out)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 @pytest.fixture
-def node(tmp_path: Path, zipapp: Path) -> Iterator[Node]:
-    """A simulated node: shared kubelet root, the real driver, a kubelet emulator."""
-    with Node(tmp_path, zipapp) as simulated:
+def fuse_examples(fuse_examples_on_host: Path) -> Path:
+    """The examples' directory as the node's containers see it."""
+    return EXAMPLES_IN_CONTAINERS
+
+
+@pytest.fixture
+def node(tmp_path: Path, zipapp: Path, fuse_examples_on_host: Path) -> Iterator[Node]:
+    """A simulated node: shared kubelet root, the real driver, a kubelet emulator.
+
+    Every container gets the example binaries bound at /run/examples: the
+    checkout may live somewhere a sandbox cannot see (e.g. below /tmp).
+    """
+    binds = {str(EXAMPLES_IN_CONTAINERS): fuse_examples_on_host}
+    with Node(tmp_path, zipapp, shared_binds=binds) as simulated:
         yield simulated
