@@ -18,6 +18,7 @@ from csi_async.config import Settings
 from csi_async.csi import unimplemented
 from csi_async.csi.identity import IdentityService
 from csi_async.csi.node import NodeService
+from csi_async.csi.requests import validate_publish
 from csi_async.csi.rpc import in_flight
 from csi_async.volumes import VolumeManager
 
@@ -66,6 +67,10 @@ async def serve(settings: Settings) -> None:
             ]
         )
         unimplemented.install(server)
+        # Volumes published before a restart listen again before Probe says ready.
+        restored = await volumes.restore(
+            lambda record: validate_publish(record.request(), str(settings.kubelet_root), policy)
+        )
         sock = _bind_endpoint(settings.socket_path)
         await server.start(sock=sock)
         ready = True
@@ -78,6 +83,7 @@ async def serve(settings: Settings) -> None:
             node_id=settings.node_id,
             kubelet_root=str(settings.kubelet_root),
             version=__version__,
+            restored_volumes=restored,
         )
 
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,15 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from csi_async import logs
 from csi_async.broker import sockets
 from csi_async.broker.policy import NodePolicy
 from csi_async.broker.volume_broker import VolumeBroker, VolumeTarget
-from csi_async.csi.requests import PublishSpec, TargetPath
+from csi_async.csi.requests import InvalidRequest, PublishSpec, TargetPath
 from csi_async.mount import fuse
-from csi_async.mount.mountinfo import mounts_at
+from csi_async.mount.mountinfo import MountEntry, mounts_at
 from csi_async.mount.paths import PinnedRoot, make_directory, open_child_dir, remove_directory
+from csi_async.state import StateStore, VolumeRecord
 
 log = logging.getLogger("csi_async.volumes")
 
@@ -68,6 +71,7 @@ class VolumeManager:
         task_group: anyio.abc.TaskGroup,
     ) -> None:
         self._root = PinnedRoot(str(kubelet_root))
+        self._store = StateStore(state_dir)
         self._socket_root = state_dir / "sockets"
         self._policy = policy
         self._tg = task_group
@@ -83,7 +87,7 @@ class VolumeManager:
 
     # ------------------------------------------------------------------ publish
 
-    async def publish(self, spec: PublishSpec) -> None:
+    async def publish(self, spec: PublishSpec, record: VolumeRecord) -> None:
         key = spec.target.absolute
         with self._claim(key):
             existing = self._volumes.get(key)
@@ -95,22 +99,55 @@ class VolumeManager:
                 return
             # Shielded: a kubelet deadline must not leave half a volume behind.
             with anyio.CancelScope(shield=True):
-                self._volumes[key] = await self._set_up(spec)
+                self._volumes[key] = await self._set_up(spec, restoring=False)
+                await anyio.to_thread.run_sync(self._store.save, record)
 
-    async def _set_up(self, spec: PublishSpec) -> Published:
-        target_created = await anyio.to_thread.run_sync(self._make_target, spec.target)
+    async def restore(self, validate: Callable[[VolumeRecord], PublishSpec]) -> int:
+        """Set up again every volume recorded before a restart; returns how many.
+
+        Each record is validated like a new request. The socket is created
+        again in the same directory (the pods' bind mounts still show it),
+        and a FUSE mount that is still there is adopted, not replaced.
+        """
+        restored = 0
+        for record in await anyio.to_thread.run_sync(self._store.load):
+            fields = {logs.TARGET: record.target_path, logs.VOLUME_ID: record.volume_id}
+            try:
+                spec = validate(record)
+                self._volumes[spec.target.absolute] = await self._set_up(spec, restoring=True)
+                restored += 1
+            except (InvalidRequest, PublishFailed) as err:
+                # The pod is gone (kubelet will still unpublish, which is fine)
+                # or the record no longer passes policy: forget it.
+                logs.log(log, logging.WARNING, f"dropping volume record: {err}", **fields)
+                await anyio.to_thread.run_sync(self._store.remove, record.target_path)
+        return restored
+
+    async def _set_up(self, spec: PublishSpec, *, restoring: bool) -> Published:
+        target_created, existing = await anyio.to_thread.run_sync(
+            self._make_target, spec.target, restoring
+        )
         try:
             if spec.kind == "socket":
-                await anyio.to_thread.run_sync(self._bind_socket_dir, spec)
+                if not existing:
+                    await anyio.to_thread.run_sync(self._bind_socket_dir, spec)
                 return Published(spec)
             broker = await self._start_broker(spec)
+            fuse_mounts = [m for m in existing if m.is_fuse]
+            if fuse_mounts:
+                await anyio.to_thread.run_sync(broker.adopt, fuse_mounts[-1])
             return Published(spec, broker)
         except BaseException:
             if target_created:
                 await anyio.to_thread.run_sync(self._remove_target, spec.target)
             raise
 
-    def _make_target(self, target: TargetPath) -> bool:
+    def _make_target(self, target: TargetPath, restoring: bool) -> tuple[bool, list[MountEntry]]:
+        """Create the target directory; return (created, mounts already on it).
+
+        A mount already there is refused, except when restoring after a
+        restart, where it is the one this driver made.
+        """
         try:
             parent_fd = self._root.open_dir(target.parent_relative)
         except FileNotFoundError:
@@ -119,12 +156,14 @@ class VolumeManager:
             ) from None
         try:
             created = make_directory(parent_fd, "mount", TARGET_MODE)
-            if mounts_at(target.absolute):
+            existing = mounts_at(target.absolute)
+            if existing and not restoring:
                 raise PublishFailed(
                     f"{target.absolute} already has a mount this driver did not make"
                 )
-            os.close(open_child_dir(parent_fd, "mount"))  # a directory, not a symlink
-            return created
+            if not existing:
+                os.close(open_child_dir(parent_fd, "mount"))  # a directory, not a symlink
+            return created, existing
         finally:
             os.close(parent_fd)
 
@@ -239,6 +278,7 @@ class VolumeManager:
                 await self._tear_down(published)
                 del self._volumes[key]
             await anyio.to_thread.run_sync(self._detach_any_and_remove_target, target)
+            await anyio.to_thread.run_sync(self._store.remove, key)
 
     async def _tear_down(self, published: Published) -> None:
         spec = published.spec

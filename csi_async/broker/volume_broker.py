@@ -32,7 +32,8 @@ from csi_async import logs
 from csi_async.broker import framing, sockets, wire
 from csi_async.broker.policy import NodePolicy, OptionRefused, plan_mount
 from csi_async.mount import fuse
-from csi_async.mount.mountinfo import mounts_at
+from csi_async.mount import syscalls as sc
+from csi_async.mount.mountinfo import MountEntry, mounts_at
 from csi_async.mount.paths import PinnedRoot
 from fusermount3_proxy import protocol
 from fusermount3_proxy.protocol import MountRequest, UnmountRequest
@@ -117,6 +118,28 @@ class VolumeBroker:
     @property
     def mounted(self) -> ActiveMount | None:
         return self._active
+
+    def adopt(self, entry: MountEntry) -> None:
+        """Take charge of a FUSE mount made before a driver restart.
+
+        It is pinned through the target's parent (no stat of the FUSE root);
+        its owner comes from the kernel's mount options. Its daemon's process
+        is unknown now, so only a later MOUNT or unpublish cleans it if dead.
+        """
+        parent, _, name = self.target.relative.rpartition("/")
+        parent_fd = self._root.open_dir(parent)
+        try:
+            mount_fd = sc.open_mount_root(parent_fd, name)
+        finally:
+            os.close(parent_fd)
+        owner = dict(o.partition("=")[::2] for o in entry.super_options if "=" in o)
+        self._active = ActiveMount(
+            mount_fd,
+            next(_mount_tokens),
+            entry.mount_id,
+            int(owner.get("user_id", "0")),
+            int(owner.get("group_id", "0")),
+        )
 
     # ------------------------------------------------------------------ serving
 

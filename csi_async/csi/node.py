@@ -13,6 +13,7 @@ from csi_async._proto.csi import v1 as csi
 from csi_async.broker.policy import NodePolicy
 from csi_async.csi.requests import InvalidRequest, validate_publish, validate_unpublish
 from csi_async.csi.rpc import rpc
+from csi_async.state import VolumeRecord
 from csi_async.volumes import PublishFailed, VolumeBusy, VolumeConflict, VolumeManager
 
 
@@ -41,7 +42,7 @@ class NodeService(csi.NodeBase):
     ) -> csi.NodePublishVolumeResponse:
         try:
             spec = validate_publish(message, self._volumes.kubelet_root, self._policy)
-            await self._volumes.publish(spec)
+            await self._volumes.publish(spec, VolumeRecord.of(message))
         except InvalidRequest as err:
             raise GRPCError(Status.INVALID_ARGUMENT, str(err)) from None
         except VolumeConflict as err:

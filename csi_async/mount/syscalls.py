@@ -29,6 +29,8 @@ _SYS_setresuid = {"x86_64": 117, "aarch64": 147}
 _SYS_setresgid = {"x86_64": 119, "aarch64": 149}
 
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_NO_AUTOMOUNT = 0x800
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 
@@ -161,6 +163,23 @@ def move_mount_onto_fd(mount_fd: int, target_fd: int) -> None:
             ctypes.c_int(target_fd),
             ctypes.c_char_p(b""),
             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        )
+    )
+
+
+def open_mount_root(dir_fd: int, name: str) -> int:
+    """An O_PATH fd of the topmost mount on `name` in a pinned directory.
+
+    Without OPEN_TREE_CLONE this is a plain lookup that ends on the mount's
+    root; crossing into a mount sends nothing to a FUSE daemon. A symlink
+    at `name` is not followed.
+    """
+    return _check(
+        _syscall(
+            SYS_open_tree,
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(_path(name)),
+            ctypes.c_uint(OPEN_TREE_CLOEXEC | AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT),
         )
     )
 
