@@ -63,6 +63,30 @@ def main() -> None:
     "allow_other,default_permissions so other uids in the pod can read it  "
     "[env CSI_ASYNC_ALLOW_OTHER; default on]",
 )
+@click.option(
+    "--peer-check",
+    type=click.Choice(["cgroup", "off"]),
+    help="cgroup: a broker socket serves only processes of its own pod (by the pod UID in "
+    "their cgroup); off: no check, for test benches only  [env CSI_ASYNC_PEER_CHECK; "
+    "default cgroup]",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(path_type=Path),
+    help="append the broker's audit lines (JSON, one per privileged request) to this file  "
+    "[env CSI_ASYNC_AUDIT_LOG; default: stderr]",
+)
+@click.option(
+    "--metrics-address",
+    help="serve Prometheus metrics on host:port (e.g. :9809)  [env CSI_ASYNC_METRICS_ADDRESS; "
+    "default off]",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    help="broker connections handled at once, node-wide; more are refused with EAGAIN  "
+    "[env CSI_ASYNC_MAX_CONNECTIONS; default 64]",
+)
 def serve(**flags: Any) -> None:
     """Serve the CSI Identity and Node services and the fd broker.
 
@@ -80,5 +104,5 @@ def serve(**flags: Any) -> None:
     if not settings.node_id:
         click.echo("csi-async: a node id is required: --node-id or $NODE_NAME", err=True)
         sys.exit(2)
-    logs.setup(settings.log_level)
+    logs.setup(settings.log_level, settings.audit_log)
     anyio.run(serve_forever, settings)

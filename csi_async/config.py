@@ -49,6 +49,32 @@ class Settings(BaseSettings):
         "containers running as other uids can read the mount.",
     )
 
+    peer_check: Literal["cgroup", "off"] = Field(
+        default="cgroup",
+        description="cgroup: a broker socket only serves processes of its own pod (their "
+        "cgroup names the pod UID). off: skip the check (the node emulator; not for clusters).",
+    )
+    audit_log: Path | None = Field(
+        default=None,
+        description="File to append the broker's audit lines to (JSON); default: stderr.",
+    )
+    metrics_address: str = Field(
+        default="",
+        description="host:port for the Prometheus /metrics endpoint; empty: off.",
+    )
+    max_connections: int = Field(
+        default=64, ge=1, le=4096, description="Broker connections handled at once, node-wide."
+    )
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            _, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port or :port")
+        return value
+
     @field_validator("endpoint")
     @classmethod
     def _unix_endpoint(cls, value: str) -> str:
@@ -73,9 +99,11 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("kubelet_root", "state_dir")
+    @field_validator("kubelet_root", "state_dir", "audit_log")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
         if not value.is_absolute() or ".." in value.parts:
             raise ValueError("must be an absolute path without '..'")
         return Path(str(value).rstrip("/") or "/")

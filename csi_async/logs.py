@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 # Stable field names (see docs/operations.md).
@@ -75,12 +76,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def setup(level: str) -> None:
+def setup(level: str, audit_file: Path | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The audit stream: every privileged request, whatever the log level.
+    audit = logging.getLogger("csi_async.audit")
+    audit.setLevel(logging.INFO)
+    if audit_file is not None:
+        audit_handler = logging.FileHandler(audit_file, encoding="utf-8")
+        audit_handler.setFormatter(JsonFormatter())
+        audit.handlers[:] = [audit_handler]
+        audit.propagate = False
     # grpclib logs "Application error" with a traceback for exceptions that
     # our RPC wrapper already turned into INTERNAL; keep its noise out.
     logging.getLogger("grpclib").setLevel(logging.CRITICAL)

@@ -12,8 +12,9 @@ from pathlib import Path
 import anyio
 from grpclib.server import Server
 
-from csi_async import __version__, logs
+from csi_async import __version__, logs, metrics
 from csi_async.broker.policy import NodePolicy
+from csi_async.broker.volume_broker import BrokerLimits
 from csi_async.config import Settings
 from csi_async.csi import unimplemented
 from csi_async.csi.identity import IdentityService
@@ -50,7 +51,12 @@ def _bind_endpoint(path: str) -> socket.socket:
 async def serve(settings: Settings) -> None:
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.state_dir.chmod(0o700)
-    policy = NodePolicy(allow_other=settings.allow_other)
+    policy = NodePolicy(
+        allow_other=settings.allow_other, require_pod_cgroup=settings.peer_check == "cgroup"
+    )
+    limits = BrokerLimits(node_wide=anyio.CapacityLimiter(settings.max_connections))
+    if settings.metrics_address:
+        metrics.serve(settings.metrics_address)
     ready = False
 
     async with anyio.create_task_group() as tg:
@@ -58,6 +64,7 @@ async def serve(settings: Settings) -> None:
             kubelet_root=settings.kubelet_root,
             state_dir=settings.state_dir,
             policy=policy,
+            limits=limits,
             task_group=tg,
         )
         server = Server(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,20 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from csi_async import logs
+from csi_async import logs, metrics
 from csi_async.broker import sockets
 from csi_async.broker.policy import NodePolicy
-from csi_async.broker.volume_broker import VolumeBroker, VolumeTarget
+from csi_async.broker.volume_broker import BrokerLimits, VolumeBroker, VolumeTarget
 from csi_async.csi.requests import InvalidRequest, PublishSpec, TargetPath
 from csi_async.mount import fuse
 from csi_async.mount.mountinfo import MountEntry, mounts_at
-from csi_async.mount.paths import PinnedRoot, make_directory, open_child_dir, remove_directory
+from csi_async.mount.paths import (
+    PinnedRoot,
+    entry_kind,
+    make_directory,
+    open_child_dir,
+    remove_directory,
+)
 from csi_async.state import StateStore, VolumeRecord
 
 log = logging.getLogger("csi_async.volumes")
@@ -68,12 +75,14 @@ class VolumeManager:
         kubelet_root: Path,
         state_dir: Path,
         policy: NodePolicy,
+        limits: BrokerLimits,
         task_group: anyio.abc.TaskGroup,
     ) -> None:
         self._root = PinnedRoot(str(kubelet_root))
         self._store = StateStore(state_dir)
         self._socket_root = state_dir / "sockets"
         self._policy = policy
+        self._limits = limits
         self._tg = task_group
         self._volumes: dict[str, Published] = {}
         self._busy: set[str] = set()
@@ -101,6 +110,7 @@ class VolumeManager:
             with anyio.CancelScope(shield=True):
                 self._volumes[key] = await self._set_up(spec, restoring=False)
                 await anyio.to_thread.run_sync(self._store.save, record)
+                metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
 
     async def restore(self, validate: Callable[[VolumeRecord], PublishSpec]) -> int:
         """Set up again every volume recorded before a restart; returns how many.
@@ -116,6 +126,7 @@ class VolumeManager:
                 spec = validate(record)
                 self._volumes[spec.target.absolute] = await self._set_up(spec, restoring=True)
                 restored += 1
+                metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
             except (InvalidRequest, PublishFailed) as err:
                 # The pod is gone (kubelet will still unpublish, which is fine)
                 # or the record no longer passes policy: forget it.
@@ -174,7 +185,23 @@ class VolumeManager:
             parent_fd = self._root.open_dir(target.parent_relative)
         except FileNotFoundError:
             return
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+                raise
+            # A symlink or a mount where kubelet's directories should be:
+            # nothing of ours is there, and nothing there is ours to touch.
+            log.warning(
+                "target's parent is not a plain directory; leaving it",
+                extra={"fields": {"target_path": target.absolute}},
+            )
+            return
         try:
+            if entry_kind(parent_fd, "mount") == stat.S_IFLNK:
+                log.warning(
+                    "target is a symlink, not the directory we made; leaving it",
+                    extra={"fields": {"target_path": target.absolute}},
+                )
+                return
             if not remove_directory(parent_fd, "mount"):
                 # Files were written into the bare directory (e.g. while
                 # nothing was mounted). Keep them; kubelet reports the leftover.
@@ -256,6 +283,8 @@ class VolumeManager:
                 relative=spec.target.relative,
                 absolute=spec.target.absolute,
                 pod_uid=spec.target.pod_uid,
+                pod_namespace=spec.attributes.pod_namespace or "",
+                pod_name=spec.attributes.pod_name or "",
                 volume_name=spec.target.volume_name,
                 volume_id=spec.volume_id,
                 read_only=spec.read_only,
@@ -264,6 +293,7 @@ class VolumeManager:
             kubelet_root=self._root,
             bound=bound,
             policy=self._policy,
+            limits=self._limits,
         )
         await self._tg.start(broker.serve)
         return broker
@@ -279,6 +309,7 @@ class VolumeManager:
                 del self._volumes[key]
             await anyio.to_thread.run_sync(self._detach_any_and_remove_target, target)
             await anyio.to_thread.run_sync(self._store.remove, key)
+            metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
 
     async def _tear_down(self, published: Published) -> None:
         spec = published.spec

@@ -22,6 +22,7 @@ from csi_async.mount.mountinfo import MountEntry, mounts_at
 from e2e.driver import DriverProcess
 from e2e.hostenv import KubeletRoot
 from e2e.kubelet import KubeletEmulator, Pod
+from e2e.podcgroup import cgroup2_root, pod_cgroup, remove_pod_cgroups
 from e2e.sandbox import PodSandbox
 
 # Where the native-mode socket directory is mounted in FUSE containers; the
@@ -64,7 +65,11 @@ class Node:
         self.zipapp = zipapp
         self.driver_name = driver_name
         self.root = KubeletRoot()
-        self._driver_args = driver_args or []
+        # Containers join their pod's cgroup and the driver checks callers by
+        # it, as on a real node; without cgroup v2 the check is turned off.
+        self.pod_cgroups = cgroup2_root() is not None
+        peer_check = ["--peer-check", "cgroup" if self.pod_cgroups else "off"]
+        self._driver_args = [*peer_check, *(driver_args or [])]
         self.driver: DriverProcess
         self.kubelet: KubeletEmulator
         self._published: list[tuple[Pod, str]] = []
@@ -106,6 +111,7 @@ class Node:
         finally:
             self.driver.stop()
             self.root.teardown()
+            remove_pod_cgroups()
         if leftovers and exc_type is None:
             raise AssertionError(f"FUSE mounts left after unpublishing every volume: {leftovers}")
 
@@ -167,9 +173,22 @@ class Node:
     # ---------------------------------------------------------------- pods
 
     def sandbox(self, binds: dict[str, Path], **kwargs: Any) -> PodSandbox:
+        """A container of the pod whose volumes it binds (it joins that pod's cgroup)."""
+        pod_uid = self._pod_of(binds)
+        if pod_uid is not None and self.pod_cgroups:
+            kwargs.setdefault("cgroup_procs", str(pod_cgroup(pod_uid)))
         sandbox = PodSandbox({**self.shared_binds, **binds}, self.zipapp, **kwargs)
         self._sandboxes.append(sandbox)
         return sandbox
+
+    def _pod_of(self, binds: dict[str, Path]) -> str | None:
+        pods = self.root.path / "pods"
+        for host_path in binds.values():
+            relative = Path(host_path).resolve().relative_to(pods) if Path(
+                host_path).resolve().is_relative_to(pods) else None  # fmt: skip
+            if relative is not None and relative.parts:
+                return relative.parts[0]
+        return None
 
     # ---------------------------------------------------------------- waiting
 

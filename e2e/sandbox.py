@@ -241,6 +241,7 @@ class PodSandbox:
         cwd: str = "/",
         umask: int = 0o022,
         die_with_parent: bool = False,
+        cgroup_procs: str = "",
     ) -> None:
         """`die_with_parent` SIGKILLs a container when the *thread* that spawned
         it exits (prctl PR_SET_PDEATHSIG via setpriv), so a test runner that is
@@ -249,6 +250,7 @@ class PodSandbox:
         """
         self.uid = uid
         self.gid = gid
+        self.cgroup_procs = cgroup_procs
         self.cwd = cwd
         self.umask = umask
         self.tmpfs = [self._container_path(t) for t in tmpfs]
@@ -322,6 +324,7 @@ class PodSandbox:
             "umask": self.umask,
             "tmpfs": list(self.tmpfs),
             "binds": list(self.binds),
+            "cgroup_procs": self.cgroup_procs,
         }
 
     def command(self, argv: Sequence[str]) -> list[str]:

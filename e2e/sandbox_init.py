@@ -80,6 +80,9 @@ class Spec(TypedDict):
     umask: int
     tmpfs: list[str]
     binds: list[BindSpec]
+    # cgroup.procs file to join before the program starts, as a container
+    # of a pod runs in that pod's cgroup; "" for none.
+    cgroup_procs: str
 
 
 class SetupError(Exception):
@@ -305,6 +308,9 @@ def main(argv: list[str]) -> int:
         return EXIT_SETUP_FAILED
     try:
         spec: Spec = json.loads(argv[1])
+        if spec["cgroup_procs"]:
+            with open(spec["cgroup_procs"], "w", encoding="ascii") as procs:
+                procs.write("0")  # "0" means the writing process itself
         setup(spec)
         drop_privileges(spec["uid"], spec["gid"])
         os.umask(spec["umask"])

@@ -121,7 +121,12 @@ def exchange(
     fds: list[int] = []
     try:
         try:
-            sock.sendall(frame)
+            try:
+                sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                # The broker may answer (a refusal) and hang up before
+                # reading everything; its answer is still there to read.
+                pass
             header = _recv_exact(sock, protocol.HEADER_SIZE, fds)
             length = protocol.decode_header(header, protocol.KIND_RESPONSE)
             body = _recv_exact(sock, length, fds)

@@ -92,7 +92,7 @@ def broker_requests(node: Node) -> list[tuple[object, object]]:
     return [
         (entry.get("op"), entry.get("decision"))
         for entry in node.driver.log_entries()
-        if entry.get("logger") == "csi_async.broker" and "op" in entry
+        if entry.get("logger") == "csi_async.audit" and "op" in entry
     ]
 
 

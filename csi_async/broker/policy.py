@@ -80,6 +80,8 @@ class NodePolicy:
     """Node-wide mount policy, from the driver's configuration (never from pods)."""
 
     allow_other: bool = True
+    # The connecting process must run in the volume's pod (its cgroup).
+    require_pod_cgroup: bool = True
 
 
 @dataclass(slots=True)

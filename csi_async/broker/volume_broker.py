@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from csi_async import logs
+from csi_async import logs, metrics
 from csi_async.broker import framing, sockets, wire
+from csi_async.broker.identity import Peer, peer_of
 from csi_async.broker.policy import NodePolicy, OptionRefused, plan_mount
 from csi_async.mount import fuse
 from csi_async.mount import syscalls as sc
@@ -39,6 +39,8 @@ from fusermount3_proxy import protocol
 from fusermount3_proxy.protocol import MountRequest, UnmountRequest
 
 log = logging.getLogger("csi_async.broker")
+# One line per privileged request: its own logger, so it can go to its own file.
+audit_log = logging.getLogger("csi_async.audit")
 T = TypeVar("T")
 
 # Ids handed to clients for the mounts we make. Kernel mount ids are reused
@@ -58,6 +60,8 @@ class VolumeTarget:
     relative: str
     absolute: str
     pod_uid: str
+    pod_namespace: str
+    pod_name: str
     volume_name: str
     volume_id: str
     read_only: bool
@@ -71,6 +75,8 @@ class ActiveMount:
     token: int
     # The kernel's id, for logs and mountinfo lookups.
     kernel_mount_id: int
+    # The minor of the FUSE superblock's device: its /sys/fs/fuse/connections entry.
+    minor: int
     uid: int
     gid: int
     # Cancels the task that watches the daemon's process (see _watch_daemon).
@@ -78,22 +84,34 @@ class ActiveMount:
 
 
 @dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
+class BrokerLimits:
+    """Bounds on what pods can make the broker do at once."""
+
+    # Connections being handled across every volume of the node.
+    node_wide: anyio.CapacityLimiter
+    # Connections open at once on one volume's socket.
+    per_volume: int = 8
 
 
-def peer_of(sock: socket.socket) -> Peer:
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return Peer(pid, uid, gid)
+@dataclass(slots=True)
+class _Audit:
+    """What one request did, filled in as it goes; written once at the end."""
+
+    op: str
+    started: float
+    decision: str = "allowed"
+    errno: int = 0
+    detail: str = ""
+    spec: fuse.FuseMountSpec | None = None
 
 
 class BrokerError(Exception):
-    def __init__(self, err: int, message: str) -> None:
+    def __init__(self, err: int, message: str, reason: str = "policy") -> None:
         super().__init__(message)
         self.errno = err
         self.message = message
+        # A short label for metrics: policy, peer, busy, limit, kernel.
+        self.reason = reason
 
 
 class VolumeBroker:
@@ -104,8 +122,11 @@ class VolumeBroker:
         kubelet_root: PinnedRoot,
         bound: sockets.BoundSocket,
         policy: NodePolicy,
+        limits: BrokerLimits,
     ) -> None:
         self.target = target
+        self._limits = limits
+        self._connections = 0
         self._root = kubelet_root
         self._bound = bound
         self._policy = policy
@@ -137,9 +158,11 @@ class VolumeBroker:
             mount_fd,
             next(_mount_tokens),
             entry.mount_id,
+            entry.minor,
             int(owner.get("user_id", "0")),
             int(owner.get("group_id", "0")),
         )
+        metrics.LIVE_MOUNTS.inc()
 
     # ------------------------------------------------------------------ serving
 
@@ -193,34 +216,61 @@ class VolumeBroker:
 
     async def _handle(self, conn: socket.socket) -> None:
         with conn:
-            peer = peer_of(conn)
             started = time.monotonic()
-            op = "?"
+            peer = peer_of(conn)
+            audit = _Audit(op="?", started=started)
+            self._connections += 1
             try:
-                body = await framing.read_request_body(conn, protocol.READ_TIMEOUT)
-                request = wire.parse_request(body)
-                op = request["op"]
-                async with self._lock:
-                    if request["op"] == "mount":
-                        await self._mount(conn, request, peer)
-                    else:
-                        await self._unmount(conn, request)
-                self._audit(op, peer, started, 0, "allowed")
-            except (framing.FramingError, wire.BadRequest) as err:
-                await self._refuse(conn, errno.EPROTO, str(err))
-                self._audit(op, peer, started, errno.EPROTO, "refused", str(err))
-            except protocol.ProtocolError as err:
-                await self._refuse(conn, errno.EPROTO, str(err))
-                self._audit(op, peer, started, errno.EPROTO, "refused", str(err))
+                await self._handle_checked(conn, peer, audit)
+            except (framing.FramingError, wire.BadRequest, protocol.ProtocolError) as err:
+                await self._answer_refusal(conn, audit, errno.EPROTO, str(err), "protocol")
             except BrokerError as err:
-                await self._refuse(conn, err.errno, err.message)
-                self._audit(op, peer, started, err.errno, "refused", err.message)
+                await self._answer_refusal(conn, audit, err.errno, err.message, err.reason)
             except OSError as err:
                 # Unexpected kernel errors are reported, never swallowed: the
                 # FUSE program shows the message to its user.
-                message = f"mount failed: {os.strerror(err.errno or errno.EIO)}"
-                await self._refuse(conn, err.errno or errno.EIO, message)
-                self._audit(op, peer, started, err.errno or errno.EIO, "failed", message)
+                code = err.errno or errno.EIO
+                message = f"mount failed: {os.strerror(code)}"
+                await self._answer_refusal(conn, audit, code, message, "kernel", "failed")
+            finally:
+                self._connections -= 1
+                self._audit(peer, audit)
+
+    async def _handle_checked(self, conn: socket.socket, peer: Peer, audit: _Audit) -> None:
+        if self._connections > self._limits.per_volume:
+            raise BrokerError(errno.EBUSY, "too many connections to this volume's broker", "limit")
+        if self._limits.node_wide.available_tokens == 0:
+            raise BrokerError(errno.EAGAIN, "the broker is busy; try again", "limit")
+        async with self._limits.node_wide:
+            body = await framing.read_request_body(conn, protocol.READ_TIMEOUT)
+            request = wire.parse_request(body)
+            audit.op = request["op"]
+            self._check_peer(peer)
+            async with self._lock:
+                if request["op"] == "mount":
+                    audit.spec = await self._mount(conn, request, peer)
+                else:
+                    await self._unmount(conn, request)
+
+    def _check_peer(self, peer: Peer) -> None:
+        """The caller must run in this volume's pod (see identity.py)."""
+        if not self._policy.require_pod_cgroup:
+            return
+        if peer.cgroup_pod_uid != self.target.pod_uid:
+            raise BrokerError(
+                errno.EACCES,
+                f"this broker socket belongs to pod {self.target.pod_uid}; the calling "
+                "process does not run in that pod",
+                "peer",
+            )
+
+    async def _answer_refusal(
+        self, conn: socket.socket, audit: _Audit, err: int, message: str, reason: str,
+        decision: str = "refused",
+    ) -> None:  # fmt: skip
+        audit.decision, audit.errno, audit.detail = decision, err, message
+        metrics.BROKER_REFUSALS.labels(reason).inc()
+        await self._refuse(conn, err, message)
 
     async def _refuse(self, conn: socket.socket, err: int, message: str) -> None:
         try:
@@ -230,31 +280,51 @@ class VolumeBroker:
         except (OSError, TimeoutError):
             pass  # the peer is gone; nothing left to tell it
 
-    def _audit(
-        self, op: str, peer: Peer, started: float, err: int, decision: str, detail: str = ""
-    ) -> None:
+    def _audit(self, peer: Peer, audit: _Audit) -> None:
+        elapsed = time.monotonic() - audit.started
+        metrics.BROKER_REQUESTS.labels(audit.op, audit.decision).inc()
+        metrics.BROKER_DURATION.labels(audit.op).observe(elapsed)
+        effective: dict[str, object] = {}
+        if audit.spec is not None:
+            spec = audit.spec
+            effective = {
+                "fstype": spec.fstype,
+                "source": spec.source,
+                "read_only": spec.read_only,
+                "flags": list(spec.flags),
+                "mount_attrs": spec.mount_attrs,
+                "strings": dict(spec.strings),
+                "user_id": spec.user_id,
+                "group_id": spec.group_id,
+            }
         logs.log(
-            log,
-            logging.INFO if decision == "allowed" else logging.WARNING,
-            f"broker {op} {decision}",
-            op=op,
-            decision=decision,
-            errno=err,
-            detail=detail,
+            audit_log,
+            logging.INFO if audit.decision == "allowed" else logging.WARNING,
+            f"broker {audit.op} {audit.decision}",
+            op=audit.op,
+            decision=audit.decision,
+            errno=audit.errno,
+            detail=audit.detail,
+            effective=effective,
             **{
                 logs.VOLUME_ID: self.target.volume_id,
                 logs.TARGET: self.target.absolute,
                 logs.POD_UID: self.target.pod_uid,
+                logs.POD_NAMESPACE: self.target.pod_namespace,
+                logs.POD_NAME: self.target.pod_name,
                 logs.PEER_PID: peer.pid,
                 logs.PEER_UID: peer.uid,
                 logs.PEER_GID: peer.gid,
-                logs.DURATION_MS: round((time.monotonic() - started) * 1000, 3),
+                "peer_pod_uid": peer.cgroup_pod_uid,
+                logs.DURATION_MS: round(elapsed * 1000, 3),
             },
         )
 
     # ------------------------------------------------------------------ MOUNT
 
-    async def _mount(self, conn: socket.socket, request: MountRequest, peer: Peer) -> None:
+    async def _mount(
+        self, conn: socket.socket, request: MountRequest, peer: Peer
+    ) -> fuse.FuseMountSpec:
         await self._clear_dead_mount()
         try:
             spec = plan_mount(
@@ -267,7 +337,7 @@ class VolumeBroker:
                 policy=self._policy,
             )
         except OptionRefused as err:
-            raise BrokerError(err.errno, err.message) from None
+            raise BrokerError(err.errno, err.message, "policy") from None
         made = await _blocking(lambda: self._mount_on_target(spec))
         token = next(_mount_tokens)
         try:
@@ -281,14 +351,20 @@ class VolumeBroker:
         finally:
             os.close(made.fuse_fd)
         watch = anyio.CancelScope()
-        self._active = ActiveMount(made.mount_fd, token, made.mount_id, peer.uid, peer.gid, watch)
+        self._active = ActiveMount(
+            made.mount_fd, token, made.mount_id, made.minor, peer.uid, peer.gid, watch
+        )
+        metrics.LIVE_MOUNTS.inc()
         if self._tasks is not None:
             self._tasks.start_soon(self._watch_daemon, token, peer.pid, watch)
+        return spec
 
     def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
         if mounts_at(self.target.absolute):
             raise BrokerError(
-                errno.EBUSY, f"{self.target.absolute} already has a mount this broker did not make"
+                errno.EBUSY,
+                f"{self.target.absolute} already has a mount this broker did not make",
+                "busy",
             )
         target_fd = self._root.open_dir(self.target.relative)
         try:
@@ -305,6 +381,7 @@ class VolumeBroker:
                 errno.EBUSY,
                 "the volume is already mounted and its FUSE daemon is still running "
                 "(unmount it first with fusermount3 -u)",
+                "busy",
             )
         # The daemon died: clean its dead mount and let this request mount anew.
         await self._forget(active)
@@ -316,11 +393,18 @@ class VolumeBroker:
             )
         )
 
-    async def _forget(self, active: ActiveMount) -> None:
-        """Detach our mount and drop it (caller holds the lock)."""
+    async def _forget(self, active: ActiveMount, *, abort: bool = False) -> None:
+        """Detach our mount and drop it (caller holds the lock).
+
+        With abort, the FUSE connection is aborted first, so that processes
+        stuck on a hung daemon get an error instead of waiting forever.
+        """
         if active.watch is not None:
             active.watch.cancel()
         self._active = None
+        metrics.LIVE_MOUNTS.dec()
+        if abort:
+            await _blocking(lambda: fuse.abort_connection(active.minor))
         await _blocking(lambda: _detach_and_close(active.mount_fd))
 
     async def _watch_daemon(self, token: int, peer_pid: int, scope: anyio.CancelScope) -> None:
@@ -347,6 +431,7 @@ class VolumeBroker:
                         if await self._is_dead(active):
                             active_watch, active.watch = active.watch, None
                             await self._forget(active)
+                            metrics.DEAD_MOUNTS_DETACHED.inc()
                             logs.log(
                                 log,
                                 logging.INFO,
@@ -377,7 +462,7 @@ class VolumeBroker:
 
     async def _detach_all(self) -> None:
         if self._active is not None:
-            await self._forget(self._active)
+            await self._forget(self._active, abort=True)
         await _blocking(self._detach_leftovers)
 
     def _detach_leftovers(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from csi_async import logs
+from csi_async import logs, metrics
 
 log = logging.getLogger("csi_async.rpc")
 
@@ -108,6 +108,8 @@ def rpc(
                 fields[logs.DURATION_MS] = round((time.monotonic() - started) * 1000, 3)
                 if detail:
                     fields["detail"] = detail
+                metrics.RPC_REQUESTS.labels(name, code.name).inc()
+                metrics.RPC_DURATION.labels(name).observe(time.monotonic() - started)
                 level = logging.INFO if code == Status.OK else logging.WARNING
                 logs.log(log, level, f"{name} {code.name}", **fields)
 

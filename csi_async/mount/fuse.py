@@ -189,3 +189,46 @@ def connection_is_dead(mount_fd: int, uid: int, gid: int, as_owner: bool, timeou
     thread.start()
     thread.join(timeout)
     return bool(outcome and outcome[0])
+
+
+class _FuseControl:
+    """A private, detached instance of the fusectl filesystem, made on first use.
+
+    It works whether or not the host mounted fusectl at
+    /sys/fs/fuse/connections, and it changes no mount table.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def fd(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                fs_fd = sc.fsopen("fusectl")
+                try:
+                    sc.fsconfig_create(fs_fd)
+                    attrs = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
+                    self._fd = sc.fsmount(fs_fd, attrs)
+                finally:
+                    os.close(fs_fd)
+            return self._fd
+
+
+_fuse_control = _FuseControl()
+
+
+def abort_connection(minor: int) -> None:
+    """Abort a FUSE connection, as writing to /sys/fs/fuse/connections/N/abort does.
+
+    Every request waiting on the daemon fails at once; a connection that is
+    already gone is not an error.
+    """
+    try:
+        fd = os.open(f"{minor}/abort", os.O_WRONLY | os.O_CLOEXEC, dir_fd=_fuse_control.fd())
+    except FileNotFoundError:
+        return
+    try:
+        os.write(fd, b"1")
+    finally:
+        os.close(fd)
