@@ -23,7 +23,7 @@ from e2e.driver import DriverProcess
 from e2e.hostenv import KubeletRoot
 from e2e.kubelet import KubeletEmulator, Pod
 from e2e.podcgroup import cgroup2_root, pod_cgroup, remove_pod_cgroups
-from e2e.sandbox import PodSandbox
+from e2e.sandbox import Container, PodSandbox
 
 # Where the native-mode socket directory is mounted in FUSE containers; the
 # zipapp's default socket path (/run/csi-async/fuse.sock) is inside it.
@@ -207,6 +207,21 @@ class Node:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing was mounted on {target} within {timeout} s")
             time.sleep(0.05)
+
+    def wait_mounted_by(
+        self, program: Container, target: Path, timeout: float = 15.0
+    ) -> MountEntry:
+        """Like wait_mounted; on failure, kill the program and show why (its stderr
+        if it was started with stderr=PIPE, and the driver's log)."""
+        try:
+            return self.wait_mounted(target, timeout)
+        except TimeoutError:
+            program.kill()
+            stderr = program.stderr.read().decode(errors="replace") if program.stderr else ""
+            raise AssertionError(
+                f"nothing mounted on {target}; program stderr:\n{stderr}\n"
+                f"driver log:\n{self.driver.log_text()[-3000:]}"
+            ) from None
 
     @staticmethod
     def wait_unmounted(target: Path, timeout: float = 15.0) -> None:

@@ -31,17 +31,6 @@ def start(sandbox: PodSandbox, argv: list[str]) -> Container:
     return sandbox.spawn(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
 
 
-def mounted_or_explain(node: Node, volume: FuseVolume, program: Container, timeout: float = 15):
-    try:
-        return node.wait_mounted(volume.target, timeout)
-    except TimeoutError:
-        program.kill()
-        raise AssertionError(
-            f"not mounted; program stderr:\n{program.stderr.read().decode()}\n"
-            f"driver log:\n{node.driver.log_text()[-3000:]}"
-        ) from None
-
-
 def read_as_other_uid(node: Node, volume: FuseVolume, path: str) -> str:
     """Read through the mount from a separate container running as uid 1000."""
     reader = node.sandbox({DATA: volume.target}, uid=1000, gid=1000)
@@ -57,7 +46,7 @@ def test_hello_mounts_unprivileged_and_other_processes_read_it(
     volume = node.publish_fuse_volume(Pod("app"), mode=mode)
     sandbox = node.sandbox(volume.binds(DATA), env=volume.env)
     hello = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
-    mount = mounted_or_explain(node, volume, hello)
+    mount = node.wait_mounted_by(hello, volume.target)
 
     assert mount.fstype == "fuse.hello"
     assert "user_id=65534" in mount.super_options
@@ -83,7 +72,7 @@ def test_passthrough_reads_and_writes_through_the_mount(
     (source / "input.txt").chmod(0o644)
     sandbox = node.sandbox({**volume.binds(DATA), "/run/source": source})
     program = start(sandbox, [str(fuse_examples / "passthrough"), "-f", DATA])
-    mounted_or_explain(node, volume, program)
+    node.wait_mounted_by(program, volume.target)
 
     reader = node.sandbox({DATA: volume.target})
     cat = reader.run(["cat", f"{DATA}/run/source/input.txt"], capture_output=True, timeout=15)
@@ -100,7 +89,7 @@ def test_a_read_only_volume_mounts_read_only(node: Node, fuse_examples: Path) ->
     volume = node.publish_fuse_volume(Pod("app"), readonly=True)
     sandbox = node.sandbox(volume.binds(DATA))
     hello = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
-    mount = mounted_or_explain(node, volume, hello)
+    mount = node.wait_mounted_by(hello, volume.target)
     assert "ro" in mount.mount_options
     assert "ro" in mount.super_options
 
@@ -110,7 +99,7 @@ def test_suid_and_dev_never_appear(node: Node, fuse_examples: Path) -> None:
     sandbox = node.sandbox(volume.binds(DATA))
     # libfuse turns -o suid,dev into a flag string without nosuid/nodev.
     hello = start(sandbox, [str(fuse_examples / "hello"), "-f", "-o", "suid,dev", DATA])
-    mount = mounted_or_explain(node, volume, hello)
+    mount = node.wait_mounted_by(hello, volume.target)
     assert {"nosuid", "nodev"} <= set(mount.mount_options)
 
 
@@ -141,7 +130,7 @@ def test_auto_unmount_cleans_up_after_the_program_is_killed(
     container = sandbox.spawn(
         ["sh", "-c", f"{fuse_examples / 'hello'} -f -o auto_unmount {DATA} & sleep 600"]
     )
-    mounted_or_explain(node, volume, container)
+    node.wait_mounted_by(container, volume.target)
     hello_pids = [pid for pid in container.processes() if _comm(pid) == "hello"]
     assert len(hello_pids) == 1
     os.kill(hello_pids[0], signal.SIGKILL)
@@ -154,14 +143,14 @@ def test_the_program_killed_and_restarted_mounts_again_through_the_same_socket(
     volume = node.publish_fuse_volume(Pod("app"))
     sandbox = node.sandbox(volume.binds(DATA))
     first = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
-    mounted_or_explain(node, volume, first)
+    node.wait_mounted_by(first, volume.target)
     first.kill()  # SIGKILL of the container: no helper survives to unmount
     first.wait(15)
     # The broker watched the daemon's process and detached the dead mount,
     # so a restarted container can bind the volume again.
     node.wait_unmounted(volume.target)
     second = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
-    mounted_or_explain(node, volume, second)
+    node.wait_mounted_by(second, volume.target)
     assert read_as_other_uid(node, volume, "hello") == HELLO_TEXT
 
 
@@ -173,7 +162,7 @@ def test_a_dead_mount_the_broker_could_not_watch_is_replaced_on_the_next_mount(
     # Without -f hello daemonizes: the process that ran fusermount3 exits
     # while the mount lives on, so the broker stops watching it.
     container = sandbox.spawn(["sh", "-c", f"{fuse_examples / 'hello'} {DATA}; sleep 600"])
-    mounted_or_explain(node, volume, container)
+    node.wait_mounted_by(container, volume.target)
     # Once the shell has moved on to `sleep`, the foreground hello has exited
     # and the only hello left is the daemon serving the mount.
     deadline = time.monotonic() + 15
@@ -217,7 +206,7 @@ def test_a_second_mount_while_the_first_daemon_lives_is_busy(
     volume = node.publish_fuse_volume(Pod("app"))
     sandbox = node.sandbox(volume.binds(DATA))
     first = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
-    mounted_or_explain(node, volume, first)
+    node.wait_mounted_by(first, volume.target)
     second = sandbox.run([str(fuse_examples / "hello"), "-f", DATA], capture_output=True,
                          timeout=30)  # fmt: skip
     assert second.returncode != 0
@@ -231,7 +220,7 @@ def test_starter_mode_runs_the_program_on_dev_fd(node: Node, fuse_examples: Path
     starter = start(
         sandbox, ["fusermount3", "--start", "--", str(fuse_examples / "hello"), "-f", "/dev/fd/N"]
     )
-    mounted_or_explain(node, volume, starter)
+    node.wait_mounted_by(starter, volume.target)
     assert read_as_other_uid(node, volume, "hello") == HELLO_TEXT
     starter.send_signal(signal.SIGTERM)
     # The starter forwards SIGTERM to hello and exits with hello's status:
@@ -247,7 +236,7 @@ def test_unpublish_with_a_live_mount_unmounts_and_removes_everything(
     volume = node.publish_fuse_volume(pod)
     sandbox = node.sandbox(volume.binds(DATA))
     hello = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
-    mounted_or_explain(node, volume, hello)
+    node.wait_mounted_by(hello, volume.target)
     socket_dir = volume.socket_binds["/run/csi-async"]
 
     node.unpublish(pod, "data")

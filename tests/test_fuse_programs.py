@@ -47,19 +47,6 @@ def start(sandbox: PodSandbox, argv: list[str], **popen_kwargs: Any) -> Containe
     return sandbox.spawn(argv, stderr=subprocess.PIPE, **popen_kwargs)
 
 
-def mounted_or_explain(
-    node: Node, volume: FuseVolume, program: Container, timeout: float = 15
-) -> MountEntry:
-    try:
-        return node.wait_mounted(volume.target, timeout)
-    except TimeoutError:
-        program.kill()
-        raise AssertionError(
-            f"not mounted; program stderr:\n{program.stderr.read().decode()}\n"
-            f"driver log:\n{node.driver.log_text()[-3000:]}"
-        ) from None
-
-
 def assert_unprivileged_fuse(mount: MountEntry, fstype: str) -> None:
     assert mount.fstype == fstype
     assert {"nosuid", "nodev"} <= set(mount.mount_options)
@@ -149,7 +136,7 @@ def test_sshfs_serves_a_directory_that_another_uid_reads_and_writes(
     volume = node.publish_fuse_volume(Pod("app"))
     sandbox = sftp_sandbox(node, volume, tmp_path, source)
     sshfs = start(sandbox, ["sshfs", "-f", "-o", f"ssh_command={SSH}", f"localhost:{SOURCE}", DATA])
-    mount = mounted_or_explain(node, volume, sshfs)
+    mount = node.wait_mounted_by(sshfs, volume.target)
 
     assert_unprivileged_fuse(mount, "fuse.sshfs")
     assert mount.source == f"localhost:{SOURCE}"
@@ -173,7 +160,7 @@ def test_sshfs_with_auto_unmount_is_unmounted_by_fusermount3_and_its_watcher_exi
                      "echo $?; exec sleep 600"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
-    mount = mounted_or_explain(node, volume, container)
+    mount = node.wait_mounted_by(container, volume.target)
     assert_unprivileged_fuse(mount, "fuse.sshfs")
     assert "fusermount3" in {_comm(pid) for pid in container.processes()}  # the watcher
     assert as_other_uid(node, volume, f"cat {DATA}/known.txt") == KNOWN_TEXT
@@ -194,7 +181,7 @@ def test_bindfs_through_libfuse2s_fusermount_reads_and_writes_the_source(
     sandbox = node.sandbox({**volume.binds(DATA), SOURCE: source})
     # libfuse2 execs /bin/fusermount (argv[0] "fusermount").
     bindfs = start(sandbox, ["bindfs", "-f", SOURCE, DATA])
-    mount = mounted_or_explain(node, volume, bindfs)
+    mount = node.wait_mounted_by(bindfs, volume.target)
 
     assert_unprivileged_fuse(mount, "fuse")  # libfuse2 sends no subtype to fusermount
     assert mount.source == SOURCE
@@ -214,7 +201,7 @@ def test_bindfs_with_auto_unmount_in_its_options_is_cleaned_up_after_it_is_kille
     # is PID 1, so the watcher outlives bindfs as it would in a pod.
     container = start(sandbox, ["sh", "-c", f"bindfs -f -o auto_unmount {SOURCE} {DATA} & "
                                             "exec sleep 600"])  # fmt: skip
-    mounted_or_explain(node, volume, container)
+    node.wait_mounted_by(container, volume.target)
     assert as_other_uid(node, volume, f"cat {DATA}/known.txt") == KNOWN_TEXT
     processes = {pid: _comm(pid) for pid in container.processes()}
     assert "fusermount" in processes.values()  # the watcher, under the name libfuse2 ran
@@ -253,7 +240,7 @@ def test_gocryptfs_mounts_through_the_default_socket_with_an_empty_environment_a
     sandbox = node.sandbox({**volume.binds(DATA), "/run/cipher": cipher, "/run/secrets": secrets})
     gocryptfs = start(sandbox, ["gocryptfs", "-fg", "-passfile", "/run/secrets/pass",
                                 "/run/cipher", DATA])  # fmt: skip
-    mount = mounted_or_explain(node, volume, gocryptfs)
+    mount = node.wait_mounted_by(gocryptfs, volume.target)
 
     assert_unprivileged_fuse(mount, "fuse.gocryptfs")
     as_other_uid(node, volume, f"echo secret > {DATA}/plain.txt")
@@ -288,7 +275,7 @@ def test_rclone_mounts_a_local_directory_that_another_uid_reads_and_writes(
     # --umask 000 lets other uids write (rclone reports its own uid as owner).
     rclone = start(sandbox, ["rclone", command, "--config", "/dev/null", "--cache-dir", "/tmp/rc",
                              "--allow-non-empty", "--umask", "000", SOURCE, DATA])  # fmt: skip
-    mount = mounted_or_explain(node, volume, rclone)
+    mount = node.wait_mounted_by(rclone, volume.target)
 
     assert_unprivileged_fuse(mount, "fuse.rclone")
     reads_and_writes_through_the_mount(node, volume, source)
