@@ -3,6 +3,8 @@
     python -m e2e sandbox-check [--zipapp PATH]    show a container from the inside
     python -m e2e sandbox-run [--zipapp PATH] [--bind CPATH=HOSTPATH]... -- ARGV...
     python -m e2e csi-info --endpoint unix:///path/csi.sock [--driver NAME]
+    python -m e2e matrix --zipapp PATH [--examples DIR] [--json OUT] [--markdown OUT]
+                         [--only NAME]...
 
 Without --zipapp a stand-in shell script is bound over fusermount3; it
 reports how it was called and fails, as fusermount3 would without a broker.
@@ -18,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from e2e import matrix
 from e2e.demo import run_demo
 from e2e.kubelet import KubeletEmulator
 from e2e.sandbox import PodSandbox
@@ -92,6 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("argv", nargs="+")
     p = sub.add_parser("demo", help="the narrated sshfs demo (see e2e/demo.py)")
     p.add_argument("--zipapp", required=True, help="the built fusermount3 zipapp")
+    p = sub.add_parser("matrix", help="the FUSE compatibility matrix (see e2e/matrix.py)")
+    p.add_argument("--zipapp", required=True, help="the built fusermount3 zipapp")
+    p.add_argument("--examples", default=str(matrix.REPO / "build" / "fuse-examples"),
+                   help="libfuse's example binaries (built there if missing)")  # fmt: skip
+    p.add_argument("--json", type=Path, help="write every result, with timings, here")
+    p.add_argument("--markdown", type=Path, help="write the generated document here")
+    rows = [impl.name for impl in matrix.select()]
+    p.add_argument("--only", action="append", metavar="NAME", choices=rows,
+                   help=f"run only this row (repeatable): {', '.join(rows)}")  # fmt: skip
     p = sub.add_parser("csi-info", help="GetPluginInfo, Probe, NodeGetInfo, NodeGetCapabilities")
     p.add_argument("--endpoint", required=True, help="unix:///path/to/csi.sock")
     p.add_argument("--driver", default="", help="expected driver name")
@@ -114,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as err:
             print(f"\ndemo failed: {err}", file=sys.stderr)
             return 1
+    if args.command == "matrix":
+        return matrix.main(
+            Path(args.zipapp), Path(args.examples), only=args.only, json_path=args.json,
+            markdown_path=args.markdown, argv=(argv if argv is not None else sys.argv[1:])[1:],
+        )  # fmt: skip
     with (
         _zipapp(args.zipapp) as zipapp,
         PodSandbox(_binds(args.bind), zipapp, uid=args.uid, gid=args.gid) as sandbox,

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv gcc pkg-config util-linux procps
   fuse3 libfuse3-dev libfuse2
-  sshfs openssh-sftp-server bindfs gocryptfs rclone
+  sshfs openssh-sftp-server bindfs gocryptfs rclone s3fs python3-pyfuse3
 )
 missing=()
 for pkg in "${packages[@]}"; do
