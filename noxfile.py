@@ -1,0 +1,53 @@
+"""Developer tasks: `nox -l` lists them, `nox -s NAME` runs one, `nox` runs the defaults.
+
+    tests      scripts/test.sh (bootstrap, build the zipapp and FUSE examples, pytest; root)
+    lint       ruff check, ruff format --check, mypy
+    validate   scripts/validate_manifests.py (manifests/ and examples/, offline)
+    proto      scripts/gen_proto.sh (regenerate csi_async/_proto)
+    kind       e2e/kind/run.sh (kind cluster, images, every example; needs docker and kind)
+
+Every session runs in the project's .venv (scripts/bootstrap.sh creates it,
+scripts/test.sh runs bootstrap): it holds the pinned dependencies, and the
+tests also need Debian packages and root, which a nox-made virtualenv would
+not bring. Extra arguments after `--` go to pytest, validate or run.sh.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "validate", "tests"]
+
+VENV = ".venv/bin"
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """The whole test suite, as CI runs it (real mounts: run as root)."""
+    session.run("bash", "scripts/test.sh", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    """Static checks: ruff (lint and formatting) and mypy (strict)."""
+    session.run(f"{VENV}/ruff", "check", ".", external=True)
+    session.run(f"{VENV}/ruff", "format", "--check", ".", external=True)
+    session.run(f"{VENV}/mypy", external=True)
+
+
+@nox.session(venv_backend="none")
+def validate(session: nox.Session) -> None:
+    """Kubernetes schema, Pod Security and FUSE-sidecar checks of manifests/ and examples/."""
+    session.run(f"{VENV}/python", "scripts/validate_manifests.py", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def proto(session: nox.Session) -> None:
+    """Regenerate the CSI message and service stubs from proto/."""
+    session.run("bash", "scripts/gen_proto.sh", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def kind(session: nox.Session) -> None:
+    """End to end on a kind cluster: driver DaemonSet, every example, cleanup, restarts."""
+    session.run("bash", "e2e/kind/run.sh", *session.posargs, external=True)

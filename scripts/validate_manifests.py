@@ -1,0 +1,586 @@
+#!/usr/bin/env python3
+"""Validate csi-async's Kubernetes manifests and examples, offline.
+
+    python scripts/validate_manifests.py [--root DIR] [--kubernetes-version X.Y.Z]
+
+1. Builds the kustomize base in manifests/ the way `kubectl apply -k` does.
+   The kustomize binary is not needed: the base uses only `namespace` and
+   `resources`, this builder implements exactly those and refuses anything
+   else, so the result cannot silently differ from kustomize's.
+2. Validates every object (the built base, and every examples/**/*.yaml)
+   against the OpenAPI schemas of one pinned Kubernetes version with
+   kubernetes-validate, in strict mode: unknown fields are errors.
+3. Checks what a schema cannot:
+   - the driver deployment's invariants (CSIDriver fields the driver relies
+     on, hostPID, Bidirectional kubelet dir, registrar paths);
+   - Pod Security "restricted" for every example pod;
+   - the FUSE sidecar pattern: the container that reaches a volume's broker
+     socket is a native sidecar (initContainers, restartPolicy: Always) with
+     a startupProbe, finds the socket where the fusermount3 zipapp looks,
+     and every container that reads a FUSE volume uses HostToContainer
+     propagation and starts after the sidecar that mounts it.
+
+Prints one line per problem and exits 1 if there is any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# The newest Kubernetes whose schemas the pinned kubernetes-validate ships.
+KUBERNETES_VERSION = "1.37.0"
+
+DRIVER_NAME = "fuse.csi-async.dev"
+KUBELET_ROOT = "/var/lib/kubelet"
+# Where the fusermount3 zipapp looks for the broker socket by default, and
+# the variable that moves it (fusermount3_proxy/protocol.py).
+NATIVE_SOCKET_DIR = "/run/csi-async"
+NATIVE_SOCKET_NAME = "fuse.sock"
+SOCKET_PATH_ENV = "FUSERMOUNT3PROXY_FDPASSING_SOCKPATH"
+
+KUSTOMIZATION_FILE = "kustomization.yaml"
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources"}
+# Kinds the minimal builder knows the scope of; anything else is refused so
+# that the namespace transformer is never applied wrongly.
+CLUSTER_SCOPED_KINDS = {
+    "Namespace",
+    "CSIDriver",
+    "StorageClass",
+    "PriorityClass",
+    "ClusterRole",
+    "ClusterRoleBinding",
+}
+NAMESPACED_KINDS = {
+    "ServiceAccount",
+    "DaemonSet",
+    "Deployment",
+    "ConfigMap",
+    "Secret",
+    "Service",
+    "Role",
+    "RoleBinding",
+    "Pod",
+}
+
+# Pod Security Standards, "restricted" profile (which includes "baseline").
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+ALLOWED_SELINUX_TYPES = {
+    "",
+    "container_t",
+    "container_init_t",
+    "container_kvm_t",
+    "container_engine_t",
+}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+Obj = dict[str, Any]
+
+
+class BuildError(Exception):
+    """The kustomization uses something this minimal builder does not implement."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One object and where it came from, for messages."""
+
+    path: Path
+    obj: Obj
+
+    def where(self, root: Path) -> str:
+        try:
+            shown = self.path.relative_to(root)
+        except ValueError:
+            shown = self.path
+        meta = self.obj.get("metadata") or {}
+        return f"{shown}: {self.obj.get('kind', '?')}/{meta.get('name', '?')}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_documents(path: Path) -> list[Obj]:
+    """Every non-empty YAML document in a file; each must be a mapping."""
+    with path.open(encoding="utf-8") as f:
+        documents = [doc for doc in yaml.safe_load_all(f) if doc is not None]
+    for doc in documents:
+        if not isinstance(doc, dict):
+            raise BuildError(f"{path}: a YAML document is not a mapping")
+    return documents
+
+
+def build_kustomization(directory: Path) -> list[Source]:
+    """What `kubectl kustomize directory` outputs, for the subset the base uses."""
+    spec_path = directory / KUSTOMIZATION_FILE
+    spec = load_documents(spec_path)
+    if len(spec) != 1:
+        raise BuildError(f"{spec_path}: expected exactly one YAML document")
+    kustomization = spec[0]
+    unknown = set(kustomization) - KUSTOMIZATION_FIELDS
+    if unknown:
+        raise BuildError(
+            f"{spec_path}: fields {sorted(unknown)} are not implemented by this builder; "
+            "keep the base to namespace + resources (put the rest in an overlay)"
+        )
+    if kustomization.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or (
+        kustomization.get("kind") != "Kustomization"
+    ):
+        raise BuildError(f"{spec_path}: not a kustomize.config.k8s.io/v1beta1 Kustomization")
+    namespace = kustomization.get("namespace")
+    resources = kustomization.get("resources") or []
+    if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
+        raise BuildError(f"{spec_path}: resources must be a list of file names")
+
+    sources: list[Source] = []
+    seen: set[tuple[str, str, str]] = set()
+    for resource in resources:
+        relative = PurePosixPath(resource)
+        if "://" in resource or relative.is_absolute() or ".." in relative.parts:
+            raise BuildError(f"{spec_path}: resource {resource!r} must be a file in the base")
+        path = directory / relative
+        if not path.is_file():
+            raise BuildError(f"{spec_path}: resource {resource!r} is not a file")
+        for obj in load_documents(path):
+            kind = obj.get("kind", "")
+            meta = obj.setdefault("metadata", {})
+            if namespace is not None:
+                if kind == "Namespace":
+                    # kustomize renames the Namespace object to the namespace.
+                    meta["name"] = namespace
+                elif kind in NAMESPACED_KINDS:
+                    meta["namespace"] = namespace
+                elif kind not in CLUSTER_SCOPED_KINDS:
+                    raise BuildError(f"{path}: kind {kind!r} is unknown to this builder")
+            key = (kind, str(meta.get("namespace", "")), str(meta.get("name", "")))
+            if key in seen:
+                raise BuildError(f"{path}: {kind}/{meta.get('name')} is defined twice")
+            seen.add(key)
+            sources.append(Source(path, obj))
+    return sources
+
+
+def example_sources(examples: Path) -> list[Source]:
+    return [
+        Source(path, obj)
+        for path in sorted(examples.rglob("*.yaml"))
+        for obj in load_documents(path)
+    ]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def schema_problems(obj: Obj, version: str) -> list[str]:
+    """Strict OpenAPI validation: wrong types, missing required and unknown fields."""
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        location = ".".join(str(part) for part in err.path) or "(top level)"
+        return [f"schema (Kubernetes {err.version}): {location}: {err.message}"]
+    except kubernetes_validate.SchemaNotFoundError as err:
+        return [f"schema: {err.message}"]
+    return []
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def pod_spec_of(obj: Obj) -> Obj | None:
+    kind = obj.get("kind")
+    spec = obj.get("spec") or {}
+    if kind == "Pod":
+        return spec
+    if kind in WORKLOAD_KINDS:
+        return ((spec.get("template") or {}).get("spec")) or {}
+    if kind == "CronJob":
+        job = (spec.get("jobTemplate") or {}).get("spec") or {}
+        return ((job.get("template") or {}).get("spec")) or {}
+    return None
+
+
+@dataclass(frozen=True)
+class Container:
+    spec: Obj
+    section: str  # containers, initContainers or ephemeralContainers
+    index: int
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.get("name", f"#{self.index}"))
+
+    @property
+    def is_native_sidecar(self) -> bool:
+        return self.section == "initContainers" and self.spec.get("restartPolicy") == "Always"
+
+    def label(self) -> str:
+        kind = {"initContainers": "init container", "ephemeralContainers": "ephemeral container"}
+        return f"{kind.get(self.section, 'container')} {self.name!r}"
+
+    def mounts(self, volume: str) -> list[Obj]:
+        return [m for m in self.spec.get("volumeMounts") or [] if m.get("name") == volume]
+
+    def env(self, name: str) -> str | None:
+        for item in self.spec.get("env") or []:
+            if item.get("name") == name:
+                value = item.get("value")
+                return None if value is None else str(value)
+        return None
+
+
+def containers_of(pod: Obj) -> list[Container]:
+    return [
+        Container(spec, section, index)
+        for section in ("initContainers", "containers", "ephemeralContainers")
+        for index, spec in enumerate(pod.get(section) or [])
+    ]
+
+
+def restricted_problems(pod: Obj) -> list[str]:
+    """Pod Security Standards "restricted" (and so "baseline") for one pod spec."""
+    problems: list[str] = []
+    pod_sc = pod.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            problems.append(f"{field} must not be true")
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            problems.append(
+                f"volume {volume.get('name')!r}: type {sorted(kinds - RESTRICTED_VOLUME_TYPES)} "
+                "is not allowed (restricted allows configMap, csi, downwardAPI, emptyDir, "
+                "ephemeral, persistentVolumeClaim, projected, secret)"
+            )
+    for sysctl in pod_sc.get("sysctls") or []:
+        if sysctl.get("name") not in SAFE_SYSCTLS:
+            problems.append(f"sysctl {sysctl.get('name')!r} is not in the safe set")
+    if pod_sc.get("runAsUser") == 0:
+        problems.append("securityContext.runAsUser must not be 0")
+    problems += _selinux_problems("pod", pod_sc)
+    if (pod_sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        problems.append("appArmorProfile must not be Unconfined")
+    if (pod_sc.get("windowsOptions") or {}).get("hostProcess"):
+        problems.append("windowsOptions.hostProcess must not be true")
+
+    pod_seccomp = (pod_sc.get("seccompProfile") or {}).get("type")
+    for c in containers_of(pod):
+        sc = c.spec.get("securityContext") or {}
+        where = c.label()
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged must not be true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: securityContext.allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{where}: securityContext.capabilities.drop must include ALL")
+        extra = set(caps.get("add") or []) - {"NET_BIND_SERVICE"}
+        if extra:
+            problems.append(f"{where}: capabilities.add {sorted(extra)} is not allowed")
+        run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if run_as_non_root is not True:
+            problems.append(f"{where}: runAsNonRoot must be true (pod or container level)")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{where}: runAsUser must not be 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(
+                f"{where}: seccompProfile.type must be RuntimeDefault or Localhost "
+                "(pod or container level)"
+            )
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"{where}: procMount must be Default")
+        if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+            problems.append(f"{where}: appArmorProfile must not be Unconfined")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            problems.append(f"{where}: windowsOptions.hostProcess must not be true")
+        problems += _selinux_problems(where, sc)
+        for port in c.spec.get("ports") or []:
+            if port.get("hostPort"):
+                problems.append(f"{where}: hostPort must not be set")
+    return problems
+
+
+def _selinux_problems(where: str, sc: Obj) -> list[str]:
+    options = sc.get("seLinuxOptions") or {}
+    problems = []
+    if options.get("type", "") not in ALLOWED_SELINUX_TYPES:
+        problems.append(f"{where}: seLinuxOptions.type {options['type']!r} is not allowed")
+    for field in ("user", "role"):
+        if options.get(field):
+            problems.append(f"{where}: seLinuxOptions.{field} must not be set")
+    return problems
+
+
+def fuse_pattern_problems(pod: Obj) -> list[str]:
+    """The FUSE sidecar pattern of docs/design.md, for the csi-async volumes of one pod."""
+    problems: list[str] = []
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    ours = {
+        name: volume["csi"]
+        for name, volume in volumes.items()
+        if (volume.get("csi") or {}).get("driver") == DRIVER_NAME
+    }
+    if not ours:
+        return problems
+    fuse_volumes = {n for n, csi in ours.items() if "socketFor" not in _attributes(csi)}
+    # Which FUSE volume each broker-socket path serves: volume name -> (FUSE
+    # volume, socket file name, "native" or "meta-fuse").
+    socket_volumes: dict[str, tuple[str, str, str]] = {}
+    for name, csi in ours.items():
+        attrs = _attributes(csi)
+        if "socketFor" in attrs:
+            target = attrs["socketFor"]
+            if target not in fuse_volumes:
+                problems.append(
+                    f"volume {name!r}: socketFor {target!r} is not a {DRIVER_NAME} FUSE volume "
+                    "of this pod"
+                )
+            if csi.get("readOnly") is not True:
+                problems.append(f"volume {name!r}: a broker socket volume must be readOnly: true")
+            socket_volumes[name] = (target, NATIVE_SOCKET_NAME, "native")
+        elif "fdPassingEmptyDirName" in attrs:
+            empty_dir = attrs["fdPassingEmptyDirName"]
+            if "emptyDir" not in volumes.get(empty_dir, {}):
+                problems.append(
+                    f"volume {name!r}: fdPassingEmptyDirName {empty_dir!r} is not an emptyDir "
+                    "volume of this pod"
+                )
+            socket_volumes[empty_dir] = (name, attrs.get("fdPassingSocketName", ""), "meta-fuse")
+
+    containers = containers_of(pod)
+    served_by: dict[str, list[Container]] = {}
+    for c in containers:
+        for socket_volume, (fuse_volume, socket_name, mode) in socket_volumes.items():
+            for mount in c.mounts(socket_volume):
+                served_by.setdefault(fuse_volume, []).append(c)
+                problems += _sidecar_problems(c, fuse_volume)
+                problems += _socket_path_problems(c, mount, socket_name, mode)
+
+    order = {id(c.spec): i for i, c in enumerate(containers)}
+    for fuse_volume in sorted(fuse_volumes):
+        servers = served_by.get(fuse_volume, [])
+        if not servers:
+            problems.append(
+                f"volume {fuse_volume!r}: no container mounts its broker socket, so nothing "
+                "will ever mount it (add a socketFor volume, or the meta-fuse emptyDir)"
+            )
+            continue
+        first_server = min(order[id(s.spec)] for s in servers)
+        for c in containers:
+            for mount in c.mounts(fuse_volume):
+                if mount.get("mountPropagation") != "HostToContainer":
+                    problems.append(
+                        f"{c.label()}: volumeMount {fuse_volume!r} needs mountPropagation: "
+                        "HostToContainer (the FUSE mount appears after the container starts)"
+                    )
+                if c.section == "initContainers" and order[id(c.spec)] < first_server:
+                    problems.append(
+                        f"{c.label()}: reads {fuse_volume!r} but starts before the FUSE "
+                        "sidecar that mounts it"
+                    )
+    return problems
+
+
+def _attributes(csi: Obj) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (csi.get("volumeAttributes") or {}).items()}
+
+
+def _sidecar_problems(c: Container, fuse_volume: str) -> list[str]:
+    problems = []
+    if not c.is_native_sidecar:
+        problems.append(
+            f"{c.label()}: serves FUSE volume {fuse_volume!r}, so it must be a native sidecar "
+            "(in initContainers with restartPolicy: Always) so consumers start after the mount"
+        )
+    if not c.spec.get("startupProbe"):
+        problems.append(
+            f"{c.label()}: serves FUSE volume {fuse_volume!r} and needs a startupProbe that "
+            "passes once the FUSE mount exists"
+        )
+    if not c.mounts(fuse_volume):
+        problems.append(
+            f"{c.label()}: serves FUSE volume {fuse_volume!r} but does not mount it (its "
+            "startupProbe needs to see the mount)"
+        )
+    return problems
+
+
+def _socket_path_problems(c: Container, mount: Obj, socket_name: str, mode: str) -> list[str]:
+    """The socket must be where the container's fusermount3 will look for it."""
+    expected = f"{str(mount.get('mountPath', '')).rstrip('/')}/{socket_name}"
+    configured = c.env(SOCKET_PATH_ENV)
+    if mode == "meta-fuse":
+        # meta-fuse pods always say where the socket is.
+        if configured != expected:
+            return [f"{c.label()}: set {SOCKET_PATH_ENV}={expected} (meta-fuse mode)"]
+        return []
+    default = f"{NATIVE_SOCKET_DIR}/{NATIVE_SOCKET_NAME}"
+    if configured is None and expected != default:
+        return [
+            f"{c.label()}: mount the broker socket volume at {NATIVE_SOCKET_DIR} "
+            f"(where fusermount3 looks) or set {SOCKET_PATH_ENV}={expected}"
+        ]
+    if configured is not None and configured != expected:
+        return [f"{c.label()}: {SOCKET_PATH_ENV} should be {expected}"]
+    return []
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def driver_problems(sources: list[Source]) -> list[str]:
+    """Invariants of the node plugin deployment that the driver's code relies on."""
+    problems: list[str] = []
+    by_kind: dict[str, list[Obj]] = {}
+    for source in sources:
+        by_kind.setdefault(source.obj.get("kind", ""), []).append(source.obj)
+
+    drivers = [d for d in by_kind.get("CSIDriver", []) if d["metadata"].get("name") == DRIVER_NAME]
+    if len(drivers) != 1:
+        problems.append(f"CSIDriver {DRIVER_NAME}: expected exactly one")
+    for driver in drivers:
+        spec = driver.get("spec") or {}
+        expected = {
+            "attachRequired": False,
+            "podInfoOnMount": True,
+            "volumeLifecycleModes": ["Ephemeral"],
+            "fsGroupPolicy": "None",
+        }
+        for field, value in expected.items():
+            if spec.get(field) != value:
+                shown = json.dumps(value)
+                problems.append(f"CSIDriver {DRIVER_NAME}: spec.{field} must be {shown}")
+
+    daemonsets = by_kind.get("DaemonSet", [])
+    if len(daemonsets) != 1:
+        problems.append("expected exactly one DaemonSet")
+    for ds in daemonsets:
+        pod = pod_spec_of(ds) or {}
+        where = f"DaemonSet {ds['metadata'].get('name')}"
+        if pod.get("hostPID") is not True:
+            problems.append(f"{where}: hostPID must be true (SO_PEERCRED pids, pidfds)")
+        host_paths = {
+            v["name"]: v["hostPath"]["path"].rstrip("/")
+            for v in pod.get("volumes") or []
+            if "hostPath" in v
+        }
+        containers = {c.name: c for c in containers_of(pod)}
+        plugin = containers.get("csi-async")
+        if plugin is None:
+            problems.append(f"{where}: no container named csi-async")
+        else:
+            problems += _driver_container_problems(where, plugin, host_paths)
+        registrar = containers.get("node-driver-registrar")
+        registration_path = f"{KUBELET_ROOT}/plugins/{DRIVER_NAME}/csi.sock"
+        if registrar is None:
+            problems.append(f"{where}: no container named node-driver-registrar")
+        elif f"--kubelet-registration-path={registration_path}" not in (
+            registrar.spec.get("args") or []
+        ):
+            problems.append(
+                f"{where}: node-driver-registrar needs "
+                f"--kubelet-registration-path={registration_path}"
+            )
+    return problems
+
+
+def _driver_container_problems(where: str, c: Container, host_paths: dict[str, str]) -> list[str]:
+    problems = []
+    if not (c.spec.get("securityContext") or {}).get("privileged"):
+        problems.append(f"{where}: container csi-async must be privileged (Bidirectional mounts)")
+    mounts = {m["mountPath"].rstrip("/"): m for m in c.spec.get("volumeMounts") or []}
+    kubelet = mounts.get(KUBELET_ROOT)
+    if kubelet is None or host_paths.get(kubelet["name"]) != KUBELET_ROOT:
+        problems.append(f"{where}: csi-async must mount the host's {KUBELET_ROOT} there")
+    elif kubelet.get("mountPropagation") != "Bidirectional":
+        problems.append(f"{where}: the {KUBELET_ROOT} mount needs mountPropagation: Bidirectional")
+    args = c.spec.get("args") or []
+    if f"--kubelet-root={KUBELET_ROOT}" not in args:
+        problems.append(f"{where}: csi-async needs --kubelet-root={KUBELET_ROOT}")
+    state = next((a.split("=", 1)[1] for a in args if a.startswith("--state-dir=")), None)
+    if state is None or state.rstrip("/") not in mounts:
+        problems.append(f"{where}: csi-async's --state-dir must be a mounted host path")
+    elif host_paths.get(mounts[state.rstrip("/")]["name"]) is None:
+        problems.append(f"{where}: the state dir must be a hostPath (sockets are bound into pods)")
+    endpoint = next((a.split("=", 1)[1] for a in args if a.startswith("--endpoint=")), "")
+    socket_dir = str(PurePosixPath(endpoint.removeprefix("unix://")).parent)
+    plugin_dir = f"{KUBELET_ROOT}/plugins/{DRIVER_NAME}"
+    if socket_dir not in mounts or host_paths.get(mounts[socket_dir]["name"]) != plugin_dir:
+        problems.append(f"{where}: --endpoint must be in a mount of the host's {plugin_dir}")
+    return problems
+
+
+# --------------------------------------------------------------------------- main
+
+
+def validate(root: Path, version: str = KUBERNETES_VERSION) -> tuple[list[str], int]:
+    """All problems found below root, and how many objects were checked."""
+    problems: list[str] = []
+    try:
+        base = build_kustomization(root / "manifests")
+    except BuildError as err:
+        return [f"manifests: {err}"], 0
+    examples = example_sources(root / "examples")
+
+    for source in [*base, *examples]:
+        problems += [f"{source.where(root)}: {p}" for p in schema_problems(source.obj, version)]
+    problems += [f"manifests: {p}" for p in driver_problems(base)]
+    for source in examples:
+        pod = pod_spec_of(source.obj)
+        if pod is None:
+            continue
+        found = restricted_problems(pod) + fuse_pattern_problems(pod)
+        problems += [f"{source.where(root)}: {p}" for p in found]
+    return problems, len(base) + len(examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=REPO, help="repository root to check")
+    parser.add_argument(
+        "--kubernetes-version",
+        default=KUBERNETES_VERSION,
+        help=f"Kubernetes version whose schemas to use (default {KUBERNETES_VERSION})",
+    )
+    args = parser.parse_args(argv)
+    problems, count = validate(args.root.resolve(), args.kubernetes_version)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"validate_manifests: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"validate_manifests: {count} objects OK (Kubernetes {args.kubernetes_version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
