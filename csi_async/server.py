@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -48,7 +49,17 @@ def _bind_endpoint(path: str) -> socket.socket:
     return sock
 
 
+def _raise_fd_limit() -> int:
+    """Use the hard RLIMIT_NOFILE: each volume holds a socket and each live
+    mount a pinned mount fd, and container runtimes often set a soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 async def serve(settings: Settings) -> None:
+    fd_limit = _raise_fd_limit()
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings.state_dir.chmod(0o700)
     policy = NodePolicy(
@@ -91,6 +102,7 @@ async def serve(settings: Settings) -> None:
             kubelet_root=str(settings.kubelet_root),
             version=__version__,
             restored_volumes=restored,
+            fd_limit=fd_limit,
         )
 
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
