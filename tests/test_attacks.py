@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_async.mount.mountinfo import mounts_at, read_mountinfo
+from csi_async.mount.mountinfo import mounts_at, mounts_at_or_below
 from e2e.kubelet import CsiError, Pod
 from e2e.node import FuseVolume, Node
 from fusermount3_proxy import protocol
@@ -40,8 +40,9 @@ def driver_fds(node: Node) -> int:
     return len(os.listdir(f"/proc/{node.driver.process.pid}/fd"))
 
 
-def fuse_mounts() -> set[int]:
-    return {m.mount_id for m in read_mountinfo() if m.is_fuse}
+def fuse_mounts(node: Node) -> set[int]:
+    """FUSE mounts on this node's kubelet root (other tests may mount elsewhere)."""
+    return {m.mount_id for m in mounts_at_or_below(node.root.path) if m.is_fuse}
 
 
 def socket_of(volume: FuseVolume) -> str:
@@ -100,12 +101,12 @@ def test_malformed_and_oversized_frames_are_refused_and_leak_nothing(
     open_node: Node, payload: bytes, message: str
 ) -> None:
     volume = open_node.publish_fuse_volume(Pod("app"))
-    before_fds, before_mounts = driver_fds(open_node), fuse_mounts()
+    before_fds, before_mounts = driver_fds(open_node), fuse_mounts(open_node)
     answer = exchange_raw(socket_of(volume), payload)
     assert answer["ok"] is False
     assert answer["errno"] == 71  # EPROTO
     assert message in str(answer["message"])
-    assert fuse_mounts() == before_mounts
+    assert fuse_mounts(open_node) == before_mounts
     assert wait_for_fd_count(open_node, before_fds) <= before_fds
 
 
@@ -113,7 +114,7 @@ def test_file_descriptors_sent_with_a_request_are_refused_and_closed(
     open_node: Node, tmp_path: Path
 ) -> None:
     volume = open_node.publish_fuse_volume(Pod("app"))
-    before_fds, before_mounts = driver_fds(open_node), fuse_mounts()
+    before_fds, before_mounts = driver_fds(open_node), fuse_mounts(open_node)
     smuggled = [os.open(tmp_path, os.O_RDONLY) for _ in range(4)]
     try:
         answer = exchange_raw(socket_of(volume), mount_request([]), smuggled)
@@ -122,7 +123,7 @@ def test_file_descriptors_sent_with_a_request_are_refused_and_closed(
             os.close(fd)
     assert answer["ok"] is False
     assert "must not carry file descriptors" in str(answer["message"])
-    assert fuse_mounts() == before_mounts
+    assert fuse_mounts(open_node) == before_mounts
     assert wait_for_fd_count(open_node, before_fds) <= before_fds
 
 
@@ -193,12 +194,12 @@ def test_privileged_options_are_refused_and_nothing_is_mounted(
     open_node: Node, option: str
 ) -> None:
     volume = open_node.publish_fuse_volume(Pod("app"))
-    before = fuse_mounts()
+    before = fuse_mounts(open_node)
     answer = exchange_raw(socket_of(volume), mount_request(["rw", option]))
     assert answer["ok"] is False
     assert answer["errno"] == 1  # EPERM
     assert "refused" in str(answer["message"])
-    assert fuse_mounts() == before
+    assert fuse_mounts(open_node) == before
 
 
 # ---------------------------------------------------------------- paths
@@ -212,10 +213,10 @@ def test_a_symlink_swapped_in_for_the_target_is_never_mounted_on(
     victim.mkdir()
     volume.target.rmdir()
     volume.target.symlink_to(victim)  # after publish, before the pod's MOUNT
-    before = fuse_mounts()
+    before = fuse_mounts(open_node)
     answer = exchange_raw(socket_of(volume), mount_request([]))
     assert answer["ok"] is False
-    assert fuse_mounts() == before
+    assert fuse_mounts(open_node) == before
     assert not mounts_at(os.fspath(victim))
     volume.target.unlink()
     volume.target.mkdir()
@@ -285,12 +286,12 @@ def test_a_pod_cannot_mount_through_another_pods_socket(node: Node, fuse_example
     # The intruder's container somehow has the owner's socket directory.
     sandbox = node.sandbox({DATA: intruder.target, "/run/csi-async": owner.socket_binds[
         "/run/csi-async"]})  # fmt: skip
-    before = fuse_mounts()
+    before = fuse_mounts(node)
     result = sandbox.run([str(fuse_examples / "hello"), "-f", DATA], capture_output=True,
                          timeout=30)  # fmt: skip
     assert result.returncode != 0
     assert "does not run in that pod" in result.stderr.decode()
-    assert fuse_mounts() == before
+    assert fuse_mounts(node) == before
     refusals = [
         e for e in node.driver.log_entries()
         if e.get("logger") == "csi_async.audit" and e.get("decision") == "refused"
