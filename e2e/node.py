@@ -73,6 +73,7 @@ class Node:
         self.driver: DriverProcess
         self.kubelet: KubeletEmulator
         self._published: list[tuple[Pod, str]] = []
+        self._pod_uids: set[str] = set()
         self._sandboxes: list[PodSandbox] = []
 
     # ---------------------------------------------------------------- lifecycle
@@ -111,7 +112,7 @@ class Node:
         finally:
             self.driver.stop()
             self.root.teardown()
-            remove_pod_cgroups()
+            remove_pod_cgroups(self._pod_uids)
         if leftovers and exc_type is None:
             raise AssertionError(f"FUSE mounts left after unpublishing every volume: {leftovers}")
 
@@ -177,6 +178,7 @@ class Node:
         pod_uid = self._pod_of(binds)
         if pod_uid is not None and self.pod_cgroups:
             kwargs.setdefault("cgroup_procs", str(pod_cgroup(pod_uid)))
+            self._pod_uids.add(pod_uid)
         sandbox = PodSandbox({**self.shared_binds, **binds}, self.zipapp, **kwargs)
         self._sandboxes.append(sandbox)
         return sandbox

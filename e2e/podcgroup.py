@@ -9,6 +9,7 @@ hierarchy: <cgroup2>/csi-async-e2e/kubepods/pod<uid>.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from csi_async.mount.mountinfo import read_mountinfo
@@ -34,15 +35,19 @@ def pod_cgroup(pod_uid: str) -> Path:
     return directory / "cgroup.procs"
 
 
-def remove_pod_cgroups() -> None:
-    """Remove every pod cgroup made here that no process is left in."""
+def remove_pod_cgroups(pod_uids: Iterable[str]) -> None:
+    """Remove these pods' cgroups (once empty), and the parents if nothing else is left.
+
+    Only the given pods: another simulated node on the same machine may be
+    using its own pod cgroups right now.
+    """
     root = cgroup2_root()
     if root is None:
         return
     top = root / TOP
-    for directory in sorted(top.glob("kubepods/pod*"), reverse=True):
+    for uid in pod_uids:
         with contextlib.suppress(OSError):
-            directory.rmdir()
+            (top / "kubepods" / f"pod{uid}").rmdir()
     for directory in (top / "kubepods", top):
         with contextlib.suppress(OSError):
             directory.rmdir()

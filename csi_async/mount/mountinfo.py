@@ -75,10 +75,23 @@ def read_mountinfo(pid: int | str = "self") -> list[MountEntry]:
         return [parse_line(line) for line in f if line.strip()]
 
 
+def _escape(path: str) -> str:
+    return (
+        path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+        .replace("\n", "\\012")
+    )  # fmt: skip
+
+
 def mounts_at(path: str, table: list[MountEntry] | None = None) -> list[MountEntry]:
     """Every mount whose mount point is exactly `path`, bottom first."""
-    entries = read_mountinfo() if table is None else table
-    return [e for e in entries if e.mount_point == path]
+    if table is not None:
+        return [e for e in table if e.mount_point == path]
+    # A node can have thousands of mounts and this runs on every publish and
+    # mount: parse only the lines that can match (field 5 is the mount point).
+    needle = f" {_escape(path)} "
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        lines = [line for line in f.read().splitlines() if needle in line]
+    return [e for e in map(parse_line, lines) if e.mount_point == path]
 
 
 def find_mount(mount_id: int, table: list[MountEntry] | None = None) -> MountEntry | None:
