@@ -5,6 +5,8 @@
     validate   scripts/validate_manifests.py (manifests/ and examples/, offline)
     proto      scripts/gen_proto.sh (regenerate csi_async/_proto)
     kind       e2e/kind/run.sh (kind cluster, images, every example; needs docker and kind)
+    fuzz       tests/test_fuzz_wire.py with 100000 examples against a live broker (root)
+    soak       python -m e2e soak: 50 pods mount and unmount for 10 minutes (root)
 
 Every session runs in the project's .venv (scripts/bootstrap.sh creates it,
 scripts/test.sh runs bootstrap): it holds the pinned dependencies, and the
@@ -51,3 +53,27 @@ def proto(session: nox.Session) -> None:
 def kind(session: nox.Session) -> None:
     """End to end on a kind cluster: driver DaemonSet, every example, cleanup, restarts."""
     session.run("bash", "e2e/kind/run.sh", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def fuzz(session: nox.Session) -> None:
+    """The wire-protocol fuzz with 100000 examples instead of CI's 300 (root)."""
+    session.run(
+        f"{VENV}/python", "-m", "pytest", "tests/test_fuzz_wire.py", *session.posargs,
+        env={"CSI_ASYNC_FUZZ_EXAMPLES": "100000"}, external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
+def soak(session: nox.Session) -> None:
+    """50 pods mount, read and unmount for 10 minutes; then nothing may be left (root).
+
+    Extra arguments go to `python -m e2e soak`, e.g. `-- --duration 60`.
+    """
+    session.run(f"{VENV}/python", "scripts/build_zipapp.py", "-o", "build/fusermount3",
+                external=True)  # fmt: skip
+    session.run("bash", "scripts/build_fuse_examples.sh", external=True)
+    session.run(
+        f"{VENV}/python", "-m", "e2e", "soak", "--duration", "600", "--parallel", "50",
+        "--zipapp", "build/fusermount3", *session.posargs, external=True,
+    )  # fmt: skip

@@ -5,6 +5,7 @@
     python -m e2e csi-info --endpoint unix:///path/csi.sock [--driver NAME]
     python -m e2e matrix --zipapp PATH [--examples DIR] [--json OUT] [--markdown OUT]
                          [--only NAME]...
+    python -m e2e soak [--duration S] [--parallel N] [--zipapp PATH] [--examples DIR]
 
 Without --zipapp a stand-in shell script is bound over fusermount3; it
 reports how it was called and fails, as fusermount3 would without a broker.
@@ -24,6 +25,7 @@ from e2e import matrix
 from e2e.demo import run_demo
 from e2e.kubelet import KubeletEmulator
 from e2e.sandbox import PodSandbox
+from e2e.soak import DEFAULT_EXAMPLES, DEFAULT_ZIPAPP, run_soak
 
 _STAND_IN = """#!/bin/sh
 echo "stand-in fusermount3 called as uid $(id -u): $0 $*" >&2
@@ -104,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [impl.name for impl in matrix.select()]
     p.add_argument("--only", action="append", metavar="NAME", choices=rows,
                    help=f"run only this row (repeatable): {', '.join(rows)}")  # fmt: skip
+    p = sub.add_parser("soak", help="pods mount, read and unmount in a loop (see e2e/soak.py)")
+    p.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
+    p.add_argument("--parallel", type=int, default=50, help="pods at once (default 50)")
+    p.add_argument("--zipapp", default=str(DEFAULT_ZIPAPP), help="the built fusermount3 zipapp")
+    p.add_argument("--examples", default=str(DEFAULT_EXAMPLES), help="libfuse's example binaries")
     p = sub.add_parser("csi-info", help="GetPluginInfo, Probe, NodeGetInfo, NodeGetCapabilities")
     p.add_argument("--endpoint", required=True, help="unix:///path/to/csi.sock")
     p.add_argument("--driver", default="", help="expected driver name")
@@ -126,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as err:
             print(f"\ndemo failed: {err}", file=sys.stderr)
             return 1
+    if args.command == "soak":
+        try:
+            run_soak(Path(args.zipapp), Path(args.examples), args.duration, args.parallel)
+        except AssertionError as err:  # the summary is printed already
+            print(f"soak failed: {str(err).splitlines()[-1].strip(' ()')}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "matrix":
         return matrix.main(
             Path(args.zipapp), Path(args.examples), only=args.only, json_path=args.json,

@@ -126,6 +126,9 @@ def decode_json_object(body: bytes) -> dict[str, object]:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError(f"frame body is not UTF-8 JSON: {err}") from None
+    except RecursionError:
+        # 8 KiB of "[" nests deeper than the parser's stack allows.
+        raise ProtocolError("frame body is nested too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError("frame body is not a JSON object")
     return value

@@ -116,7 +116,8 @@ def _apply(token: str, draft: _Draft, policy: NodePolicy) -> None:
         draft.subtype = value
         return
     if key == "max_read" and has_value:
-        if not value.isdigit() or not 0 < int(value) <= _MAX_READ_LIMIT:
+        # isdigit() alone accepts "²" and other non-ASCII digits int() rejects.
+        if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= _MAX_READ_LIMIT:
             raise OptionRefused(errno.EINVAL, f"invalid max_read {value!r}")
         draft.max_read = str(int(value))
         return

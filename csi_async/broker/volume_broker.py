@@ -183,11 +183,12 @@ class VolumeBroker:
                         except (BlockingIOError, InterruptedError):
                             continue
                         except OSError as err:
-                            if err.errno in (errno.EMFILE, errno.ENFILE):
-                                # Out of fds: back off instead of spinning.
-                                await anyio.sleep(0.1)
-                                continue
-                            raise
+                            if err.errno not in (errno.EMFILE, errno.ENFILE):
+                                log.error("accept failed: %s", err)
+                            # Back off instead of spinning (out of fds, or
+                            # something stranger); the volume keeps listening.
+                            await anyio.sleep(0.1)
+                            continue
                         conn.setblocking(False)
                         tg.start_soon(self._handle, conn)
         finally:
@@ -232,6 +233,12 @@ class VolumeBroker:
                 code = err.errno or errno.EIO
                 message = f"mount failed: {os.strerror(code)}"
                 await self._answer_refusal(conn, audit, code, message, "kernel", "failed")
+            except Exception as err:
+                # A bug must cost one request, never the driver: an exception
+                # escaping here would end the task group every volume runs in.
+                log.error("broker request failed unexpectedly", exc_info=True)
+                message = f"internal error in the csi-async broker: {type(err).__name__}"
+                await self._answer_refusal(conn, audit, errno.EIO, message, "internal", "failed")
             finally:
                 self._connections -= 1
                 self._audit(peer, audit)
@@ -417,6 +424,16 @@ class VolumeBroker:
         only a dead connection is detached, so watching the wrong process
         costs a probe, never a live mount.
         """
+        try:
+            await self._watch_daemon_until_gone(token, peer_pid, scope)
+        except Exception:
+            # Losing the watch only delays cleanup to the next MOUNT or the
+            # unpublish; it must not take the driver down.
+            log.error("watching a FUSE daemon failed", exc_info=True)
+
+    async def _watch_daemon_until_gone(
+        self, token: int, peer_pid: int, scope: anyio.CancelScope
+    ) -> None:
         with scope:
             pidfds = _pidfds_of(peer_pid)
             try:
