@@ -57,6 +57,7 @@ from typing import Any
 
 from e2e.kubelet import Pod
 from e2e.node import FuseVolume, Node
+from e2e.programs import init_gocryptfs
 from e2e.sandbox import NOBODY, Container, PodSandbox
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,15 +270,7 @@ def serves_gocryptfs(ws: Workspace) -> Served:
     (secrets / "pass").write_text("correct horse battery staple\n")
     (secrets / "pass").chmod(0o644)
     cipher = ws.path / "cipher"
-    cipher.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-init", "-q", "-passfile", str(secrets / "pass"), "-scryptn", "10",
-         str(cipher)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    for path in [cipher, *cipher.iterdir()]:
-        os.chown(path, NOBODY, NOBODY)
-    cipher.chmod(0o777)  # the plaintext root shows this mode, so other uids may write
+    init_gocryptfs(cipher, secrets / "pass")
 
     def verify() -> None:
         encrypted = [p for p in cipher.iterdir() if not p.name.startswith("gocryptfs.")]

@@ -33,6 +33,7 @@ import pytest
 from csi_async.mount.mountinfo import MountEntry
 from e2e.kubelet import Pod
 from e2e.node import FuseVolume, Node
+from e2e.programs import init_gocryptfs
 from e2e.sandbox import NOBODY, Container, PodSandbox
 
 DATA = "/run/data"
@@ -225,15 +226,7 @@ def test_gocryptfs_mounts_through_the_default_socket_with_an_empty_environment_a
     (secrets / "pass").write_text("correct horse battery staple\n")
     (secrets / "pass").chmod(0o644)
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-init", "-q", "-passfile", str(secrets / "pass"), "-scryptn", "10",
-         str(cipher)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    for path in [cipher, *cipher.iterdir()]:
-        os.chown(path, NOBODY, NOBODY)
-    cipher.chmod(0o777)  # the plaintext root shows this mode, so OTHER_UID may write
+    init_gocryptfs(cipher, secrets / "pass")
     volume = node.publish_fuse_volume(Pod("app"))
     # go-fuse runs fusermount3 with only _FUSE_COMMFD in its environment, so
     # the zipapp finds the broker at its default /run/csi-async/fuse.sock.
