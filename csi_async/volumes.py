@@ -315,7 +315,9 @@ class VolumeManager:
         spec = published.spec
         if published.broker is not None:
             await published.broker.close()
-        await anyio.to_thread.run_sync(self._prune_native_dirs, spec)
+        unused = self._unused_native_dir(spec)
+        if unused is not None:
+            await anyio.to_thread.run_sync(_remove_empty_dirs, unused)
 
     def _detach_any_and_remove_target(self, target: TargetPath) -> None:
         # Whatever is still mounted at the target (a socket-dir bind, or a
@@ -330,23 +332,21 @@ class VolumeManager:
                 os.close(parent_fd)
         self._remove_target(target)
 
-    def _prune_native_dirs(self, spec: PublishSpec) -> None:
-        """Remove a native socket dir once neither of its two volumes needs it."""
+    def _unused_native_dir(self, spec: PublishSpec) -> Path | None:
+        """The native socket dir of this volume, if neither of its two volumes needs it.
+
+        Runs on the event loop: the volume table is only read there.
+        """
         owner = spec.attributes.socket_for or spec.target.volume_name
         if spec.kind == "fuse" and spec.attributes.fd_passing_empty_dir_name is not None:
-            return
+            return None
         for other in self._volumes.values():
             o = other.spec
             if o is spec or o.target.pod_uid != spec.target.pod_uid:
                 continue
             if (o.attributes.socket_for or o.target.volume_name) == owner:
-                return  # the other half is still published
-        path = self._native_socket_dir(spec.target.pod_uid, owner)
-        for directory in (path, path.parent):
-            try:
-                directory.rmdir()
-            except OSError:
-                return
+                return None  # the other half is still published
+        return self._native_socket_dir(spec.target.pod_uid, owner)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -377,3 +377,12 @@ class _Claim:
 
     def __exit__(self, *exc: object) -> None:
         self._busy.discard(self._key)
+
+
+def _remove_empty_dirs(path: Path) -> None:
+    """rmdir a socket dir and its pod dir, stopping at the first that is not empty."""
+    for directory in (path, path.parent):
+        try:
+            directory.rmdir()
+        except OSError:
+            return

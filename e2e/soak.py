@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import stat
@@ -115,10 +116,18 @@ class SoakReport:
             f"RSS {self.baseline_rss_kib} -> {self.final_rss_kib} KiB",
             f"  leftovers: {self.leftovers or 'none'}",
         ]
-        lines += [f"  failure: {message}" for message in self.failures[:20]]
-        if len(self.failures) > 20:
-            lines.append(f"  ... and {len(self.failures) - 20} more failures")
+        kinds = Counter(_kind(message) for message in self.failures)
+        for kind, count in kinds.most_common():
+            example = next(m for m in self.failures if _kind(m) == kind)
+            lines.append(f"  {count} x failure: {example}")
         return "\n".join(lines)
+
+
+def _kind(message: str) -> str:
+    """A failure message without what differs between cycles (worker, pod, path)."""
+    text = re.sub(r"^worker \d+ cycle \d+ ", "", message)
+    text = re.sub(r"/\S+", "<path>", text)
+    return re.sub(r"\d+", "N", text)
 
 
 # ---------------------------------------------------------------- the driver from outside
@@ -406,8 +415,8 @@ def _progress(
         report.peak_threads = max(report.peak_threads, threads)
         node.kubelet.calls.clear()  # the emulator's call log would only grow
         try:
-            cpu = f"{driver_cpu_seconds(pid):.0f} s"
-        except OSError:
+            cpu = f"{driver_cpu_seconds(pid):.0f} s, rss {_status_field(pid, 'VmRSS') // 1024} MiB"
+        except (OSError, KeyError):
             cpu = "?"
         show(
             f"soak: {time.monotonic() - started:5.0f} s  cycles {report.cycles}  "

@@ -65,7 +65,9 @@ def _live_children() -> list[int]:
 @pytest.fixture(autouse=True)
 def no_leftovers(tmp_path: Path) -> Iterator[None]:
     """Fail a test that leaves a mount, a child process or a changed fusermount3 behind."""
-    watched = (str(tmp_path), "/usr/bin", "/dev", "/tmp/csi-async-kubelet-")
+    # Not every kubelet root on the machine: another node may be running.
+    # KubeletRoot.teardown itself fails if it cannot unmount everything.
+    watched = (str(tmp_path), "/usr/bin", "/dev")
     before = {m.mount_point for m in read_mountinfo()}
     fusermount = _fingerprint(HOST_FUSERMOUNT)
     yield

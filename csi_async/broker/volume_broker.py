@@ -51,6 +51,8 @@ _mount_tokens = itertools.count(time.time_ns() // 1000)
 # How long a liveness probe of an existing mount may take before a hung
 # daemon is taken to be alive.
 PROBE_TIMEOUT = 2.0
+# Probes to try after the daemon's process exited before deciding it lives on.
+PATIENT_PROBES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,12 +349,17 @@ class VolumeBroker:
             raise BrokerError(err.errno, err.message, "policy") from None
         made = await _blocking(lambda: self._mount_on_target(spec))
         token = next(_mount_tokens)
+        # Taken while the helper still waits for our answer: once answered it
+        # may exit and be reaped before a watcher could open its pid.
+        pidfds = _pidfds_of(peer.pid)
         try:
             frame = wire.response_frame(ok=True, mount_id=token)
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
         except (OSError, TimeoutError):
             # The program never got the fd: a mount nobody serves would hang
             # every reader, so take it down again.
+            for fd in pidfds:
+                os.close(fd)
             await _blocking(lambda: _detach_and_close(made.mount_fd))
             raise
         finally:
@@ -363,7 +370,10 @@ class VolumeBroker:
         )
         metrics.LIVE_MOUNTS.inc()
         if self._tasks is not None:
-            self._tasks.start_soon(self._watch_daemon, token, peer.pid, watch)
+            self._tasks.start_soon(self._watch_daemon, token, pidfds, watch)
+        else:
+            for fd in pidfds:
+                os.close(fd)
         return spec
 
     def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
@@ -392,13 +402,25 @@ class VolumeBroker:
             )
         # The daemon died: clean its dead mount and let this request mount anew.
         await self._forget(active)
+        metrics.DEAD_MOUNTS_DETACHED.inc()
 
-    async def _is_dead(self, active: ActiveMount) -> bool:
-        return await anyio.to_thread.run_sync(
-            lambda: fuse.connection_is_dead(
-                active.mount_fd, active.uid, active.gid, not self._policy.allow_other, PROBE_TIMEOUT
-            )
-        )
+    async def _is_dead(self, active: ActiveMount, *, patient: bool = False) -> bool:
+        """Probe the daemon; no answer counts as alive (a hung daemon is alive).
+
+        patient: the daemon's process just exited, so a dead connection is
+        likely and a missing answer more probably means a loaded node than a
+        hung daemon: ask a few more times before giving up.
+        """
+        for _ in range(PATIENT_PROBES if patient else 1):
+            dead = await anyio.to_thread.run_sync(
+                lambda: fuse.connection_is_dead(
+                    active.mount_fd, active.uid, active.gid, not self._policy.allow_other,
+                    PROBE_TIMEOUT,
+                )
+            )  # fmt: skip
+            if dead is not None:
+                return dead
+        return False
 
     async def _forget(self, active: ActiveMount, *, abort: bool = False) -> None:
         """Detach our mount and drop it (caller holds the lock).
@@ -414,7 +436,7 @@ class VolumeBroker:
             await _blocking(lambda: fuse.abort_connection(active.minor))
         await _blocking(lambda: _detach_and_close(active.mount_fd))
 
-    async def _watch_daemon(self, token: int, peer_pid: int, scope: anyio.CancelScope) -> None:
+    async def _watch_daemon(self, token: int, pidfds: list[int], scope: anyio.CancelScope) -> None:
         """Detach the mount soon after its FUSE daemon dies.
 
         A dead mount answers ENOTCONN to everyone and, in Kubernetes, keeps
@@ -425,17 +447,16 @@ class VolumeBroker:
         costs a probe, never a live mount.
         """
         try:
-            await self._watch_daemon_until_gone(token, peer_pid, scope)
+            await self._watch_daemon_until_gone(token, pidfds, scope)
         except Exception:
             # Losing the watch only delays cleanup to the next MOUNT or the
             # unpublish; it must not take the driver down.
             log.error("watching a FUSE daemon failed", exc_info=True)
 
     async def _watch_daemon_until_gone(
-        self, token: int, peer_pid: int, scope: anyio.CancelScope
+        self, token: int, pidfds: list[int], scope: anyio.CancelScope
     ) -> None:
         with scope:
-            pidfds = _pidfds_of(peer_pid)
             try:
                 while pidfds:
                     exited = await _first_readable(pidfds)
@@ -445,7 +466,7 @@ class VolumeBroker:
                         active = self._active
                         if active is None or active.token != token:
                             return
-                        if await self._is_dead(active):
+                        if await self._is_dead(active, patient=True):
                             active_watch, active.watch = active.watch, None
                             await self._forget(active)
                             metrics.DEAD_MOUNTS_DETACHED.inc()

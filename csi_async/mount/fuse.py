@@ -160,12 +160,14 @@ def bind_read_only(source_dir_fd: int, target_fd: int) -> None:
         os.close(clone_fd)
 
 
-def connection_is_dead(mount_fd: int, uid: int, gid: int, as_owner: bool, timeout: float) -> bool:
-    """Whether the FUSE daemon behind a mount is gone (ENOTCONN).
+def connection_is_dead(
+    mount_fd: int, uid: int, gid: int, as_owner: bool, timeout: float
+) -> bool | None:
+    """Whether the FUSE daemon behind a mount is gone (ENOTCONN); None: no answer.
 
     A statfs on a dead connection fails at once with ENOTCONN. On a live one
     it is a request to the daemon, so it runs in a throw-away thread that we
-    stop waiting for after `timeout`: a hung daemon counts as alive. Without
+    stop waiting for after `timeout` (None: hung, or just slow). Without
     allow_other the kernel answers only the mount owner, so the thread first
     takes the owner's uid/gid (the thread's own credentials, not the process's).
     """
@@ -188,7 +190,7 @@ def connection_is_dead(mount_fd: int, uid: int, gid: int, as_owner: bool, timeou
     thread = threading.Thread(target=probe, name="fuse-liveness-probe", daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(outcome and outcome[0])
+    return outcome[0] if outcome else None
 
 
 class _FuseControl:
