@@ -1,4 +1,4 @@
-"""Entry point of the zipapp: fusermount3, fusermount, or fuse-starter.
+"""Entry point of the zipapp: fusermount3, fusermount, fuse-starter, or --wait.
 
 This runs on every mount, and zipimport compiles every imported module from
 source on every run (twice, in fact), so imports are kept to what each path
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
+# fusermount3's own usage text, byte for byte, then csi-async's two extra
+# modes after it (callers only look at whether "-h" ran, never at the text).
 USAGE = (
     "%s: [options] mountpoint\n"
     "Options:\n"
@@ -24,6 +26,13 @@ USAGE = (
     " -u\t\t    unmount\n"
     " -q\t\t    quiet\n"
     " -z\t\t    lazy unmount\n"
+    "\n"
+    "csi-async modes (each has its own --help):\n"
+    " --start [-o opt[,opt...]] [--keep-mount] -- PROGRAM ARGS... /dev/fd/N\n"
+    "\t\t    mount through the broker, run PROGRAM on the fd\n"
+    " --wait PATH [--timeout SECONDS]\n"
+    "\t\t    exit 0 once a FUSE filesystem is mounted on PATH\n"
+    "\t\t    (reads /proc/self/mountinfo only; a startupProbe)\n"
 )
 
 # The libfuse version callers see. The csi-async version rides along so that
@@ -54,6 +63,10 @@ def main() -> None:
         from fusermount3_proxy import starter
 
         sys.exit(starter.main(argv))
+    if argv[1:2] == ["--wait"]:
+        from fusermount3_proxy import wait
+
+        sys.exit(wait.main(argv))
     # Same output as cli.py gives for these argument lists, minus its cost.
     if argv[1:] in (["-h"], ["--help"]):
         write(1, USAGE % argv[0])

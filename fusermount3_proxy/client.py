@@ -1,8 +1,12 @@
 """The broker client: one request, one response, at most one fd.
 
-Used by the fusermount3 command line and by the starter. Everything that can
-go wrong on the way to the broker ends up as a BrokerError whose text is ready
-to be printed after "argv[0]: ".
+Used by the fusermount3 command line, the auto-unmount watcher and the
+starter. Everything that can go wrong on the way to the broker ends up as a
+BrokerError whose text is ready to be printed after "argv[0]: ".
+
+A busy broker (EAGAIN, in its answer or from connect() on a full listen
+backlog) is asked again with jittered exponential back-off, within a bounded
+number of attempts and about RETRY_BUDGET seconds; every other answer is final.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ import time
 
 from fusermount3_proxy import protocol
 from fusermount3_proxy.protocol import MountRequest, Request, Response, UnmountRequest
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Room for exactly one fd: a broker that attaches more gets MSG_CTRUNC, and the
 # kernel discards the fds that did not fit instead of installing them here.
@@ -29,6 +37,16 @@ _HINTS = {
     errno.EAGAIN: "the broker is not accepting connections",
     errno.EACCES: "this user may not connect to the broker socket",
 }
+
+# Back-off for a busy broker. EAGAIN means no slot was free (node-wide, or the
+# pod's connection budget): nothing was done, so asking again is always safe.
+# The budget stays well inside what callers tolerate (libfuse waits for the
+# helper without a limit; a startupProbe has its own deadline). The jitter
+# spreads out the many helpers that one burst of pod starts made busy at once.
+RETRY_FIRST_DELAY = 0.05
+RETRY_MAX_DELAY = 1.0
+RETRY_BUDGET = 10.0
+RETRY_MAX_ATTEMPTS = 20
 
 
 class BrokerError(Exception):
@@ -65,15 +83,23 @@ def describe(response: Response) -> str:
     return "the csi-async broker refused the request"
 
 
-def mount(options: list[str], mountpoint: str, auto_unmount: bool) -> tuple[int | None, int]:
-    """Ask for this volume's mount; return (mount id, /dev/fuse fd). The fd is the caller's."""
+def mount(
+    options: list[str],
+    mountpoint: str,
+    auto_unmount: bool,
+    give_up: Callable[[], bool] | None = None,
+) -> tuple[int | None, int]:
+    """Ask for this volume's mount; return (mount id, /dev/fuse fd). The fd is the caller's.
+
+    give_up, if given, is asked before each retry of a busy broker.
+    """
     request: MountRequest = {
         "op": "mount",
         "options": options,
         "mountpoint": mountpoint,
         "auto_unmount": auto_unmount,
     }
-    response, fd = exchange(request)
+    response, fd = exchange(request, give_up=give_up)
     if not response["ok"]:
         raise Refused(describe(response))
     if fd is None:
@@ -102,6 +128,7 @@ def exchange(
     request: Request,
     path: str | None = None,
     timeout: float = protocol.READ_TIMEOUT,
+    give_up: Callable[[], bool] | None = None,
 ) -> tuple[Response, int | None]:
     """Send one request and return the response and the fd that came with it.
 
@@ -109,6 +136,9 @@ def exchange(
     caller. It may be None even then if the broker broke the protocol; the
     caller decides how to roll that back, since only it knows the context.
     Any other fd the broker sent is closed here.
+
+    A busy broker is retried (see RETRY_*); once the retries are spent, its
+    last answer (or the connect error) is what the caller gets.
     """
     if path is None:
         path = socket_path()
@@ -117,6 +147,52 @@ def exchange(
     except (protocol.ProtocolError, UnicodeEncodeError) as err:
         raise BrokerError(f"cannot encode the request for the csi-async broker: {err}") from None
 
+    backoff = Backoff()
+    while True:
+        try:
+            response, fd = _exchange_once(request, frame, path, timeout)
+        except BrokerUnreachable as err:
+            if err.errno == errno.EAGAIN and backoff.wait(give_up):
+                continue
+            raise
+        if not response["ok"] and response["errno"] == errno.EAGAIN and backoff.wait(give_up):
+            continue
+        return response, fd
+
+
+class Backoff:
+    """Jittered exponential back-off, bounded in attempts and in total time."""
+
+    # The clock, as attributes so that a test can run the whole budget on a
+    # virtual one against a real socket.
+    clock = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self) -> None:
+        self.attempts = 1
+        self._delay = RETRY_FIRST_DELAY
+        self._start = self.clock()
+
+    def wait(self, give_up: Callable[[], bool] | None = None) -> bool:
+        """Sleep before the next attempt; False (at once) if no attempt is left."""
+        if self.attempts >= RETRY_MAX_ATTEMPTS or (give_up is not None and give_up()):
+            return False
+        # "Equal jitter": between half and all of the current delay, so that
+        # helpers refused together do not come back together, yet each one
+        # still backs off. os.urandom spares importing random on this path.
+        fraction = int.from_bytes(os.urandom(2), "big") / 65536
+        pause = self._delay * (0.5 + fraction / 2)
+        if self.clock() - self._start + pause > RETRY_BUDGET:
+            return False
+        self.sleep(pause)
+        self.attempts += 1
+        self._delay = min(self._delay * 2, RETRY_MAX_DELAY)
+        return True
+
+
+def _exchange_once(
+    request: Request, frame: bytes, path: str, timeout: float
+) -> tuple[Response, int | None]:
     sock = _connect(path, timeout)
     fds: list[int] = []
     try:
@@ -146,27 +222,17 @@ def exchange(
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            sock.connect(path)
-        except BlockingIOError as err:
-            # A full listen backlog gives EAGAIN on a non-blocking AF_UNIX
-            # connect instead of waiting, so wait here, within the same budget.
-            sock.close()
-            if time.monotonic() + delay >= deadline:
-                raise BrokerUnreachable(path, err) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
-            continue
-        except OSError as err:
-            sock.close()
-            raise BrokerUnreachable(path, err) from None
-        sock.settimeout(timeout)
-        return sock
+    # With a timeout set the socket is non-blocking, and a full listen backlog
+    # then fails connect() with EAGAIN instead of waiting: exchange() retries
+    # that like a busy answer.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as err:
+        sock.close()
+        raise BrokerUnreachable(path, err) from None
+    return sock
 
 
 def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:

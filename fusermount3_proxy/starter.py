@@ -119,10 +119,17 @@ def _start(progname: str, opts: str | None, keep_mount: bool, program: list[str]
         signal.signal(getattr(signal, name), forward)
 
     try:
-        mount_id, fd = client.mount(split_options(opts or ""), PLACEHOLDER, auto_unmount=False)
+        # A stop request ends the retries of a busy broker: there is nothing
+        # to mount for any more, and kubelet's grace period is running.
+        mount_id, fd = client.mount(
+            split_options(opts or ""),
+            PLACEHOLDER,
+            auto_unmount=False,
+            give_up=lambda: bool(pending),
+        )
     except client.BrokerError as err:
         _error(progname, str(err))
-        return 1
+        return 128 + pending[0] if pending else 1
     if pending:
         # Told to stop before the program ran: nothing to forward to.
         os.close(fd)

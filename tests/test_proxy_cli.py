@@ -12,14 +12,16 @@ from __future__ import annotations
 import array
 import errno
 import os
+import re
 import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,8 @@ from fusermount3_proxy import __version__, protocol
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "build_zipapp.py"
-USAGE = (
+# fusermount3's usage text, byte for byte, then what csi-async adds.
+FUSERMOUNT3_USAGE = (
     "{}: [options] mountpoint\n"
     "Options:\n"
     " -h\t\t    print help\n"
@@ -38,7 +41,18 @@ USAGE = (
     " -q\t\t    quiet\n"
     " -z\t\t    lazy unmount\n"
 )
+USAGE = FUSERMOUNT3_USAGE + (
+    "\n"
+    "csi-async modes (each has its own --help):\n"
+    " --start [-o opt[,opt...]] [--keep-mount] -- PROGRAM ARGS... /dev/fd/N\n"
+    "\t\t    mount through the broker, run PROGRAM on the fd\n"
+    " --wait PATH [--timeout SECONDS]\n"
+    "\t\t    exit 0 once a FUSE filesystem is mounted on PATH\n"
+    "\t\t    (reads /proc/self/mountinfo only; a startupProbe)\n"
+)
 UNREACHABLE_HINT = "(is the volume's broker socket mounted into this container?)"
+# What the broker answers, with EAGAIN, when it has no free slot.
+BUSY = "the broker is busy; try again"
 DEV_NULL_RDEV = os.stat("/dev/null").st_rdev
 TIMEOUT = 20
 
@@ -88,6 +102,13 @@ class FakeBroker:
         # that a broken exchange fails the test instead of a thread dying.
         self.errors: list[BaseException] = []
         self._replies: list[tuple[dict[str, object], bool]] = []
+        # The answer once the scripted ones are used up.
+        self.default: dict[str, object] = {
+            "ok": False,
+            "errno": errno.EPERM,
+            "message": "refused by the test broker",
+            "mount_id": None,
+        }
         self._stop = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
@@ -109,6 +130,10 @@ class FakeBroker:
 
     def reply_mounted(self, mount_id: int) -> None:
         self.reply(ok=True, mount_id=mount_id, send_fd=True)
+
+    def reply_busy(self, times: int) -> None:
+        for _ in range(times):
+            self.reply(ok=False, code=errno.EAGAIN, message=BUSY)
 
     def close(self) -> None:
         self._stop.set()
@@ -137,13 +162,7 @@ class FakeBroker:
         if self._replies:
             response, send_fd = self._replies.pop(0)
         else:
-            response = {
-                "ok": False,
-                "errno": errno.EPERM,
-                "message": "refused by the test broker",
-                "mount_id": None,
-            }
-            send_fd = False
+            response, send_fd = self.default, False
         frame = protocol.encode_frame(protocol.KIND_RESPONSE, response)
         if send_fd:
             fd = os.open("/dev/null", os.O_RDWR)
@@ -153,6 +172,14 @@ class FakeBroker:
                 os.close(fd)
         else:
             conn.sendall(frame)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Poll for a state another process or thread brings about."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a state"
+        time.sleep(0.01)
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
@@ -234,12 +261,13 @@ def receive_fd_message(sock: socket.socket) -> tuple[bytes, list[int]]:
 @pytest.mark.parametrize(
     "args", [["-h"], ["--help"], ["--he"], ["-q", "-h"], ["-uh"], ["-h", "-x"]]
 )
-def test_help_prints_the_fusermount3_usage_to_stdout_and_exits_1(
+def test_help_prints_the_fusermount3_usage_then_the_csi_async_modes_and_exits_1(
     fusermount3: str, args: list[str]
 ) -> None:
     result = run(fusermount3, *args)
     assert result.returncode == 1
     assert result.stdout == USAGE.format(fusermount3)
+    assert result.stdout.startswith(FUSERMOUNT3_USAGE.format(fusermount3))
     assert result.stderr == ""
 
 
@@ -736,6 +764,490 @@ def test_the_starter_refuses_to_run_without_a_program(
     assert result.returncode == 1
     assert result.stderr.startswith(f"{fuse_starter}: missing program to run")
     assert broker.connections == 0
+
+
+# --- a busy broker: EAGAIN is retried with back-off, nothing else is -------
+
+
+def test_a_busy_broker_is_asked_again_until_it_unmounts(
+    fusermount3: str, broker: FakeBroker, mnt: str
+) -> None:
+    broker.reply_busy(3)
+    broker.reply(ok=True)
+    result = run(fusermount3, "-u", mnt, env=broker_env(broker))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert broker.connections == 4
+    assert broker.requests == [unmount_request(mnt, lazy=False, mount_id=None)] * 4
+
+
+def test_a_busy_broker_is_asked_again_until_it_mounts_and_the_fd_is_forwarded(
+    fusermount3: str, broker: FakeBroker, mnt: str
+) -> None:
+    broker.reply_busy(2)
+    broker.reply_mounted(mount_id=12)
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            result = run(
+                fusermount3,
+                "-o",
+                "rw",
+                mnt,
+                env=broker_env(broker, _FUSE_COMMFD=str(theirs.fileno())),
+                pass_fds=(theirs.fileno(),),
+            )
+        data, fds = receive_fd_message(ours)
+        for fd in fds:
+            os.close(fd)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert (data, len(fds)) == (b"\0", 1)
+    assert broker.requests == [mount_request(mnt, ["rw"])] * 3
+
+
+def test_the_starter_asks_a_busy_broker_again(fuse_starter: str, broker: FakeBroker) -> None:
+    broker.reply_busy(2)
+    broker.reply_mounted(mount_id=13)
+    broker.reply(ok=True, mount_id=13)
+    result = run(fuse_starter, "--", sys.executable, "-c", "pass", env=broker_env(broker))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert broker.requests == [mount_request("/dev/fd/N", [])] * 3 + [
+        unmount_request("/dev/fd/N", lazy=True, mount_id=13)
+    ]
+
+
+def test_sigterm_ends_the_starters_retries_of_a_busy_broker(
+    fuse_starter: str, broker: FakeBroker, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    broker.default = {"ok": False, "errno": errno.EAGAIN, "message": BUSY, "mount_id": None}
+    proc = subprocess.Popen(
+        [fuse_starter, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
+        env=broker_env(broker),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: broker.connections >= 2)
+        proc.send_signal(signal.SIGTERM)
+        # Well before the 10 s retry budget would have run out.
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert stderr == f"{fuse_starter}: {BUSY}\n"
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.EACCES, "this broker socket belongs to another pod"),
+        (errno.EBUSY, "too many connections to this volume's broker"),
+        (errno.EPROTO, "malformed request"),
+        (errno.EPERM, "option 'suid' refused"),
+    ],
+)
+def test_other_refusals_are_final_and_not_retried(
+    fusermount3: str, broker: FakeBroker, mnt: str, code: int, message: str
+) -> None:
+    broker.reply(ok=False, code=code, message=message)
+    broker.reply(ok=True)
+    result = run(fusermount3, "-u", mnt, env=broker_env(broker))
+    assert (result.returncode, result.stderr) == (1, f"{fusermount3}: {message}\n")
+    assert broker.connections == 1
+
+
+class VirtualClock:
+    """Backoff's clock and sleep, advanced by the sleeps instead of waiting them out."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> VirtualClock:
+    from fusermount3_proxy import client
+
+    fake = VirtualClock()
+    monkeypatch.setattr(client.Backoff, "clock", staticmethod(fake.clock))
+    monkeypatch.setattr(client.Backoff, "sleep", staticmethod(fake.sleep))
+    return fake
+
+
+def test_a_broker_that_stays_busy_is_given_up_on_within_the_budget_with_its_message(
+    broker: FakeBroker, virtual_clock: VirtualClock, mnt: str
+) -> None:
+    from fusermount3_proxy import client
+
+    broker.default = {"ok": False, "errno": errno.EAGAIN, "message": BUSY, "mount_id": None}
+    with pytest.raises(client.Refused) as refused:
+        client.unmount(mnt, path=broker.path)
+    assert str(refused.value) == BUSY
+    # One connection per attempt, one sleep between two attempts.
+    sleeps = virtual_clock.sleeps
+    assert broker.connections == len(sleeps) + 1
+    assert 10 <= broker.connections <= client.RETRY_MAX_ATTEMPTS
+    # Each sleep is between half and all of 50 ms doubling up to 1 s...
+    for attempt, pause in enumerate(sleeps):
+        delay = min(0.05 * 2**attempt, 1.0)
+        assert delay / 2 <= pause <= delay, (attempt, pause)
+    # ...and it stopped because the next one would overrun the budget (or,
+    # with short sleeps all along, at the attempt bound).
+    assert sum(sleeps) <= client.RETRY_BUDGET
+    next_delay = min(0.05 * 2 ** len(sleeps), 1.0)
+    assert (
+        sum(sleeps) + next_delay > client.RETRY_BUDGET
+        or broker.connections == client.RETRY_MAX_ATTEMPTS
+    )
+
+
+def test_the_number_of_attempts_is_bounded_even_when_time_is_not(
+    broker: FakeBroker, virtual_clock: VirtualClock, mnt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fusermount3_proxy import client
+
+    monkeypatch.setattr(client, "RETRY_BUDGET", 1e9)
+    broker.default = {"ok": False, "errno": errno.EAGAIN, "message": BUSY, "mount_id": None}
+    with pytest.raises(client.Refused, match=BUSY):
+        client.unmount(mnt, path=broker.path)
+    assert broker.connections == client.RETRY_MAX_ATTEMPTS
+
+
+def test_a_full_listen_backlog_is_waited_out(tmp_path: Path, mnt: str) -> None:
+    """connect() gets EAGAIN while the backlog is full; the client retries it."""
+    from fusermount3_proxy import client
+
+    path = str(tmp_path / "backlog.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    backing_off = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def sleep(seconds: float) -> None:
+        backing_off.set()
+        time.sleep(seconds)
+
+    def unmount() -> None:
+        try:
+            client.unmount(mnt, path=path)
+        except BaseException as err:
+            outcome.append(err)
+        else:
+            outcome.append(None)
+
+    with listener, filler, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client.Backoff, "sleep", staticmethod(sleep))
+        listener.bind(path)
+        # Backlog 0 holds one connection that nobody accepts; the next gets EAGAIN.
+        listener.listen(0)
+        listener.settimeout(TIMEOUT)
+        filler.connect(path)
+        worker = threading.Thread(target=unmount)
+        worker.start()
+        try:
+            assert backing_off.wait(TIMEOUT), "the client never backed off"
+            accepted, _ = listener.accept()  # the filler: room in the backlog again
+            accepted.close()
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                length = protocol.decode_header(
+                    _recv_exact(conn, protocol.HEADER_SIZE), protocol.KIND_REQUEST
+                )
+                request = protocol.decode_json_object(_recv_exact(conn, length))
+                response = {"ok": True, "errno": 0, "message": "", "mount_id": None}
+                conn.sendall(protocol.encode_frame(protocol.KIND_RESPONSE, response))
+        finally:
+            worker.join(TIMEOUT)
+    assert outcome == [None]
+    assert request == unmount_request(mnt, lazy=True, mount_id=None)
+
+
+def test_a_backlog_that_stays_full_is_reported_as_today(
+    tmp_path: Path, virtual_clock: VirtualClock, mnt: str
+) -> None:
+    from fusermount3_proxy import client
+
+    path = str(tmp_path / "backlog.sock")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as filler,
+    ):
+        listener.bind(path)
+        listener.listen(0)
+        filler.connect(path)
+        with pytest.raises(client.BrokerUnreachable) as unreachable:
+            client.unmount(mnt, path=path)
+    assert str(unreachable.value) == (
+        f"cannot reach the csi-async broker at {path}: Resource temporarily unavailable "
+        "(the broker is not accepting connections)"
+    )
+    assert len(virtual_clock.sleeps) >= 9
+
+
+def test_an_unreachable_broker_is_not_retried(
+    tmp_path: Path, virtual_clock: VirtualClock, mnt: str
+) -> None:
+    from fusermount3_proxy import client
+
+    for missing in (tmp_path / "no-such.sock", mnt):
+        with pytest.raises(client.BrokerUnreachable):
+            client.unmount(mnt, path=str(missing))
+    stale = str(tmp_path / "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(stale)
+        with pytest.raises(client.BrokerUnreachable, match="Connection refused"):
+            client.unmount(mnt, path=stale)
+    assert virtual_clock.sleeps == []
+
+
+# --- --wait: a FUSE mount on a path, from mountinfo only --------------------
+
+
+def topmost_fstype(path: Path) -> str | None:
+    """What the test sees on path, from its own parse of mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if point == os.fsencode(path):
+                found = fields[fields.index(b"-", 6) + 1].decode()
+    return found
+
+
+class Hello:
+    """libfuse's hello example serving a directory, run as root (it mounts itself)."""
+
+    def __init__(self, binary: Path, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.proc = subprocess.Popen(
+            [str(binary), "-f", str(mountpoint)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_mounted(self) -> None:
+        wait_until(lambda: topmost_fstype(self.mountpoint) == "fuse.hello")
+
+    def stop(self) -> None:
+        # SIGCONT first: a stopped daemon would never handle the SIGTERM.
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        self.proc.wait(TIMEOUT)
+        # hello unmounts when it exits; never leave a dead mount below /tmp.
+        if topmost_fstype(self.mountpoint) == "fuse.hello":
+            subprocess.run(["umount", "-l", str(self.mountpoint)], check=True)
+
+
+@pytest.fixture
+def hello_binary(fuse_examples_on_host: Path) -> Path:
+    return fuse_examples_on_host / "hello"
+
+
+@pytest.fixture
+def tmpfs_on(mnt: str) -> Iterator[Path]:
+    path = Path(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "csi-async-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def has_mountinfo_open(pid: int) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/mountinfo"):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def test_wait_returns_as_soon_as_a_fuse_filesystem_is_mounted(
+    fusermount3: str, hello_binary: Path, mnt: str
+) -> None:
+    waiter = subprocess.Popen(
+        [fusermount3, "--wait", mnt, "--timeout", "60"],
+        env={},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hello: Hello | None = None
+    try:
+        # Mount only once it is watching, so that this is the waiting case.
+        wait_until(lambda: waiter.poll() is not None or has_mountinfo_open(waiter.pid))
+        assert waiter.poll() is None, waiter.communicate()
+        hello = Hello(hello_binary, Path(mnt))
+        hello.wait_mounted()
+        mounted_at = time.monotonic()
+        stdout, stderr = waiter.communicate(timeout=TIMEOUT)
+        # poll() on mountinfo wakes it: nowhere near its 60 s timeout.
+        assert time.monotonic() - mounted_at < 5
+    finally:
+        waiter.kill()
+        waiter.wait()
+        if hello is not None:
+            hello.stop()
+    assert (waiter.returncode, stdout, stderr) == (0, "", "")
+
+
+def test_poll_on_mountinfo_reports_a_mount_made_after_it_was_read(mnt: str) -> None:
+    """The kernel behaviour --wait relies on (its 100 ms re-read is only a fallback)."""
+    import select
+
+    from fusermount3_proxy import wait
+
+    table = wait.MountTable()
+    try:
+        table.read()
+        poller = select.poll()
+        poller.register(table.fd, select.POLLPRI | select.POLLERR)
+        # Consume any change made since the open (other tests on this machine
+        # may mount too, so a later wake-up is only checked to be reported).
+        poller.poll(0)
+        subprocess.run(["mount", "-t", "tmpfs", "csi-async-test", mnt], check=True)
+        try:
+            events = poller.poll(TIMEOUT * 1000)
+            assert events and events[0][1] & (select.POLLPRI | select.POLLERR)
+            assert table.fstype_at(os.fsencode(mnt)) == b"tmpfs"
+        finally:
+            subprocess.run(["umount", "-l", mnt], check=True)
+    finally:
+        table.close()
+
+
+def test_wait_gives_up_with_exit_1_after_the_timeout_when_nothing_is_mounted(
+    fusermount3: str, mnt: str
+) -> None:
+    started = time.monotonic()
+    result = run(fusermount3, "--wait", mnt, "--timeout=0.5")
+    assert time.monotonic() - started >= 0.5
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{fusermount3}: no FUSE filesystem on {mnt} after 0.5 s (nothing is mounted there)\n"
+    )
+
+
+def test_a_non_fuse_mount_does_not_count(fusermount3: str, tmpfs_on: Path) -> None:
+    result = run(fusermount3, "--wait", str(tmpfs_on), "--timeout", "0.3")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{fusermount3}: no FUSE filesystem on {tmpfs_on} after 0.3 s "
+        "(the topmost mount there is tmpfs)\n"
+    )
+
+
+def test_only_the_topmost_mount_counts(
+    fusermount3: str, hello_binary: Path, tmpfs_on: Path
+) -> None:
+    hello = Hello(hello_binary, tmpfs_on)
+    try:
+        hello.wait_mounted()
+        # FUSE over the tmpfs: the FUSE filesystem is what a reader sees.
+        assert run(fusermount3, "--wait", str(tmpfs_on), "--timeout", "0").returncode == 0
+        subprocess.run(["mount", "-t", "tmpfs", "csi-async-over", str(tmpfs_on)], check=True)
+        try:
+            # And a tmpfs over FUSE hides it.
+            result = run(fusermount3, "--wait", str(tmpfs_on), "--timeout", "0")
+            assert result.returncode == 1
+            assert "(the topmost mount there is tmpfs)" in result.stderr
+        finally:
+            subprocess.run(["umount", "-l", str(tmpfs_on)], check=True)
+    finally:
+        hello.stop()
+
+
+def test_timeout_0_checks_once(fusermount3: str, hello_binary: Path, mnt: str) -> None:
+    assert run(fusermount3, "--wait", mnt, "--timeout", "0").returncode == 1
+    hello = Hello(hello_binary, Path(mnt))
+    try:
+        hello.wait_mounted()
+        result = run(fusermount3, "--wait", "--timeout", "0", mnt)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    finally:
+        hello.stop()
+
+
+def test_wait_matches_the_unescaped_mount_point_against_the_normalised_path(
+    fusermount3: str, hello_binary: Path, tmp_path: Path
+) -> None:
+    # mountinfo shows these as a\040b\011c\134d; a sibling that only shares
+    # a prefix must not match.
+    odd = tmp_path / "a b\tc\\d"
+    odd.mkdir()
+    (tmp_path / "a").mkdir()
+    hello = Hello(hello_binary, odd)
+    try:
+        hello.wait_mounted()
+        for given, cwd in [
+            (str(odd), None),
+            ("./a b\tc\\d/", tmp_path),
+            (f"{tmp_path}/a/../a b\tc\\d//", None),
+        ]:
+            result = run(fusermount3, "--wait", given, "--timeout", "0", cwd=cwd)
+            assert (result.returncode, result.stderr) == (0, ""), given
+        assert run(fusermount3, "--wait", str(tmp_path / "a"), "--timeout", "0").returncode == 1
+    finally:
+        hello.stop()
+
+
+def test_wait_never_touches_the_path_so_a_hung_daemon_cannot_hang_it(
+    fusermount3: str, hello_binary: Path, mnt: str
+) -> None:
+    hello = Hello(hello_binary, Path(mnt))
+    try:
+        hello.wait_mounted()
+        # A stopped daemon answers nothing: a stat() of the mount would hang.
+        hello.proc.send_signal(signal.SIGSTOP)
+        result = run(fusermount3, "--wait", mnt, "--timeout", "0")
+        assert (result.returncode, result.stderr) == (0, "")
+    finally:
+        hello.stop()
+
+
+def test_wait_does_not_need_the_path_to_exist(fusermount3: str, tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    result = run(fusermount3, "--wait", str(missing), "--timeout", "0")
+    assert result.returncode == 1
+    assert result.stderr.endswith("(nothing is mounted there)\n")
+
+
+def test_wait_help_documents_the_probe_and_exits_0(fusermount3: str) -> None:
+    result = run(fusermount3, "--wait", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: {fusermount3} --wait PATH [--timeout SECONDS]\n")
+    assert 'command: [fusermount3, --wait, /data, --timeout, "30"]' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "missing PATH (usage: --wait PATH [--timeout SECONDS])"),
+        (["/data", "/other"], "--wait takes exactly one PATH"),
+        (["/data", "--", "/other"], "--wait takes exactly one PATH"),
+        (["/data", "--timeout"], "option '--timeout' requires an argument"),
+        (["/data", "--timeout", "soon"], "invalid --timeout 'soon': give a number of seconds >= 0"),
+        (["/data", "--timeout=-1"], "invalid --timeout '-1': give a number of seconds >= 0"),
+        (["/data", "--timeout", "nan"], "invalid --timeout 'nan': give a number of seconds >= 0"),
+        (["/data", "--timeout", "inf"], "invalid --timeout 'inf': give a number of seconds >= 0"),
+        (["--bogus", "/data"], "unrecognized option '--bogus'"),
+    ],
+)
+def test_wait_argument_errors_exit_1(fusermount3: str, args: list[str], message: str) -> None:
+    result = run(fusermount3, "--wait", *args)
+    assert (result.returncode, result.stderr) == (1, f"{fusermount3}: {message}\n")
 
 
 # --- the build --------------------------------------------------------------
