@@ -16,9 +16,13 @@
    - Pod Security "restricted" for every example pod;
    - the FUSE sidecar pattern: the container that reaches a volume's broker
      socket is a native sidecar (initContainers, restartPolicy: Always) with
-     a startupProbe, finds the socket where the fusermount3 zipapp looks,
-     and every container that reads a FUSE volume uses HostToContainer
-     propagation and starts after the sidecar that mounts it.
+     a startupProbe (a `fusermount3 --wait` one must wait on the volume's
+     mountPath, within the probe's timeoutSeconds), finds the socket where
+     the fusermount3 zipapp looks, and every container that reads a FUSE
+     volume uses HostToContainer propagation and starts after the sidecar
+     that mounts it;
+   - in the examples, no container's PID 1 is a `sleep` that ignores SIGTERM
+     (which makes every pod delete wait out its grace period).
 
 Prints one line per problem and exits 1 if there is any.
 """
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,6 +52,11 @@ KUBELET_ROOT = "/var/lib/kubelet"
 NATIVE_SOCKET_DIR = "/run/csi-async"
 NATIVE_SOCKET_NAME = "fuse.sock"
 SOCKET_PATH_ENV = "FUSERMOUNT3PROXY_FDPASSING_SOCKPATH"
+# The names the zipapp is installed under, and its --wait default timeout.
+FUSERMOUNT_NAMES = {"fusermount3", "fusermount"}
+WAIT_DEFAULT_TIMEOUT = 60.0
+# kubelet's default for a probe's timeoutSeconds.
+PROBE_DEFAULT_TIMEOUT = 1
 
 KUSTOMIZATION_FILE = "kustomization.yaml"
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources"}
@@ -431,7 +442,69 @@ def _sidecar_problems(c: Container, fuse_volume: str) -> list[str]:
             f"{c.label()}: serves FUSE volume {fuse_volume!r} but does not mount it (its "
             "startupProbe needs to see the mount)"
         )
+    return problems + _wait_probe_problems(c, fuse_volume)
+
+
+def _wait_probe_problems(c: Container, fuse_volume: str) -> list[str]:
+    """A `fusermount3 --wait PATH [--timeout S]` startupProbe must be able to pass."""
+    probe = c.spec.get("startupProbe") or {}
+    command = [str(arg) for arg in (probe.get("exec") or {}).get("command") or []]
+    if len(command) < 2 or PurePosixPath(command[0]).name not in FUSERMOUNT_NAMES:
+        return []
+    if command[1] != "--wait":
+        return []
+    path, timeout = _wait_arguments(command[2:])
+    problems = []
+    mount_paths = sorted(
+        posixpath.normpath(str(m.get("mountPath", ""))) for m in c.mounts(fuse_volume)
+    )
+    if mount_paths and (path is None or posixpath.normpath(path) not in mount_paths):
+        problems.append(
+            f"{c.label()}: its startupProbe waits for a FUSE mount on {path!r}, but it mounts "
+            f"{fuse_volume!r} at {', '.join(mount_paths)}"
+        )
+    probe_timeout = probe.get("timeoutSeconds", PROBE_DEFAULT_TIMEOUT)
+    if timeout is None:
+        problems.append(f"{c.label()}: startupProbe: invalid fusermount3 --wait arguments")
+    elif not isinstance(probe_timeout, int) or probe_timeout <= timeout:
+        problems.append(
+            f"{c.label()}: startupProbe timeoutSeconds ({probe_timeout}) must be above "
+            f"fusermount3 --wait's --timeout ({timeout:g} s): kubelet kills the probe at "
+            "timeoutSeconds, so it would never see the mount the wait was for"
+        )
     return problems
+
+
+def _wait_arguments(args: list[str]) -> tuple[str | None, float | None]:
+    """(PATH, timeout) from `--wait`'s arguments, as fusermount3_proxy/wait.py reads them.
+
+    timeout is None if the arguments would be refused.
+    """
+    path: str | None = None
+    timeout: float | None = WAIT_DEFAULT_TIMEOUT
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        value = None
+        if arg == "--timeout":
+            value = args[i] if i < len(args) else ""
+            i += 1
+        elif arg.startswith("--timeout="):
+            value = arg.partition("=")[2]
+        elif arg == "--":
+            path = args[i] if i < len(args) else None
+            break
+        else:
+            path = arg
+        if value is not None:
+            try:
+                timeout = float(value)
+            except ValueError:
+                timeout = None
+            if timeout is not None and not 0 <= timeout < float("inf"):
+                timeout = None
+    return path, timeout
 
 
 def _socket_path_problems(c: Container, mount: Obj, socket_name: str, mode: str) -> list[str]:
@@ -452,6 +525,120 @@ def _socket_path_problems(c: Container, mount: Obj, socket_name: str, mode: str)
     if configured is not None and configured != expected:
         return [f"{c.label()}: {SOCKET_PATH_ENV} should be {expected}"]
     return []
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+SHELLS = {"sh", "ash", "bash", "dash", "ksh", "zsh"}
+# Words that may open a command in a compound one ("while true; do sleep 1; done").
+SHELL_KEYWORDS = {"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "!", "{", "}"}
+SIGTERM_NAMES = {"TERM", "SIGTERM", "15"}
+# How long a foreground sleep may hold back a shell's TERM trap (seconds).
+TRAP_LATENCY = 1.0
+PID1_FIX = "use: trap 'exit 0' TERM; ...; sleep infinity & wait"
+
+
+def sigterm_problems(pod: Obj) -> list[str]:
+    """Containers whose PID 1 would be a `sleep` that ignores SIGTERM.
+
+    A container's PID 1 gets no signal it has no handler for, so SIGTERM
+    does nothing to `sleep`, or to a shell without a TERM trap, and the
+    container is killed only when terminationGracePeriodSeconds ends.
+    """
+    problems = []
+    for c in containers_of(pod):
+        reason = pid1_ignores_sigterm(c.spec.get("command"), c.spec.get("args"))
+        if reason is not None:
+            problems.append(f"{c.label()}: {reason}; {PID1_FIX}")
+    return problems
+
+
+def pid1_ignores_sigterm(command: object, args: object = None) -> str | None:
+    """Why this command's PID 1 would sit out SIGTERM in sleep, or None if it would not."""
+    if not isinstance(command, list) or not command:
+        # The image's own entrypoint: not something a pod spec shows.
+        return None
+    extra = args if isinstance(args, list) else []
+    argv = [str(a) for a in command] + [str(a) for a in extra]
+    name = PurePosixPath(argv[0]).name
+    if name == "sleep":
+        return "PID 1 is sleep, which ignores SIGTERM"
+    if name not in SHELLS:
+        return None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("-") and "c" in arg[1:] and i + 1 < len(argv):
+            return _script_ignores_sigterm(argv[i + 1])
+        if not arg.startswith("-"):
+            break
+    return None
+
+
+def _script_ignores_sigterm(script: str) -> str | None:
+    commands = _simple_commands(script)
+    if commands is None:
+        return None
+    trapped = any(
+        words[0] == "trap" and SIGTERM_NAMES & set(words[2:]) for words, _ in commands if words
+    )
+    background_sleep = False
+    for words, background in commands:
+        if len(words) >= 2 and words[0] == "exec" and PurePosixPath(words[1]).name == "sleep":
+            return "`exec sleep` makes sleep PID 1, which ignores SIGTERM"
+        if not words or PurePosixPath(words[0]).name != "sleep":
+            continue
+        if background:
+            background_sleep = True
+        elif not trapped:
+            return "the shell is PID 1 without a TERM trap, so SIGTERM is ignored while it sleeps"
+        elif not _short(words[1:]):
+            return "a foreground sleep holds the shell's TERM trap back until it ends"
+    waits = any(words[:1] == ["wait"] for words, _ in commands)
+    if background_sleep and waits and not trapped:
+        return "the shell is PID 1 without a TERM trap, so SIGTERM is ignored while it waits"
+    return None
+
+
+def _simple_commands(script: str) -> list[tuple[list[str], bool]] | None:
+    """The script's simple commands as (words, run in the background), roughly as sh splits them.
+
+    Enough to find sleeps, traps and waits: separators are ; & && || | ( ) and
+    newlines, and leading keywords of compound commands are dropped. None if
+    the script does not even tokenize.
+    """
+    lexer = shlex.shlex(script.replace("\n", " ;\n"), posix=True, punctuation_chars=";&|()")
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:
+        return None
+    commands: list[tuple[list[str], bool]] = []
+    words: list[str] = []
+    for token in [*tokens, ";"]:
+        if token and set(token) <= set(";&|()"):
+            while words and words[0] in SHELL_KEYWORDS:
+                words.pop(0)
+            if words:
+                background = token.startswith("&") and not token.startswith("&&")
+                commands.append((words, background))
+            words = []
+        else:
+            words.append(token)
+    return commands
+
+
+def _short(durations: list[str]) -> bool:
+    """Whether `sleep DURATIONS` ends within TRAP_LATENCY."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    total = 0.0
+    for duration in durations:
+        number, unit = duration, "s"
+        if duration[-1:] in units:
+            number, unit = duration[:-1], duration[-1]
+        try:
+            total += float(number) * units[unit]
+        except ValueError:
+            return False
+    return total <= TRAP_LATENCY
 
 
 # --------------------------------------------------------------------------- the driver
@@ -558,7 +745,7 @@ def validate(root: Path, version: str = KUBERNETES_VERSION) -> tuple[list[str], 
         pod = pod_spec_of(source.obj)
         if pod is None:
             continue
-        found = restricted_problems(pod) + fuse_pattern_problems(pod)
+        found = restricted_problems(pod) + fuse_pattern_problems(pod) + sigterm_problems(pod)
         problems += [f"{source.where(root)}: {p}" for p in found]
     return problems, len(base) + len(examples)
 

@@ -10,10 +10,13 @@ Dockerfile go through hadolint plus the few project rules hadolint lacks.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -60,7 +63,7 @@ def test_the_command_line_reports_success_and_the_kubernetes_version() -> None:
 
 
 def test_the_pinned_kubernetes_version_is_the_newest_the_schemas_cover() -> None:
-    import kubernetes_validate.utils as kv
+    import kubernetes_validate.utils as kv  # type: ignore[import-untyped]
 
     assert kv.latest_version() == vm.KUBERNETES_VERSION
 
@@ -126,11 +129,13 @@ def edit(path: Path, change: Callable[[list[Doc]], None]) -> None:
 
 
 def pod(docs: list[Doc]) -> Doc:
-    return next(d for d in docs if d["kind"] == "Pod")["spec"]
+    spec: Doc = next(d for d in docs if d["kind"] == "Pod")["spec"]
+    return spec
 
 
 def daemonset(docs: list[Doc]) -> Doc:
-    return docs[0]["spec"]["template"]["spec"]
+    spec: Doc = docs[0]["spec"]["template"]["spec"]
+    return spec
 
 
 def container(spec: Doc, name: str) -> Doc:
@@ -249,6 +254,31 @@ def _consumer_before_sidecar(docs: list[Doc]) -> None:
     spec["initContainers"].insert(0, reader)
 
 
+def _consumer_execs_sleep(docs: list[Doc]) -> None:
+    container(pod(docs), "app")["command"] = [
+        "sh",
+        "-c",
+        "cat /data/hello.txt && exec sleep infinity",
+    ]
+
+
+def _consumer_is_sleep(docs: list[Doc]) -> None:
+    container(pod(docs), "app")["command"] = ["sleep", "infinity"]
+
+
+def _consumer_sleeps_in_the_foreground(docs: list[Doc]) -> None:
+    container(pod(docs), "app")["args"] = ["cat /data/hello.txt; sleep infinity"]
+    container(pod(docs), "app")["command"] = ["/bin/sh", "-c"]
+
+
+def _wait_probe_on_another_path(docs: list[Doc]) -> None:
+    container(pod(docs), "sshfs")["startupProbe"]["exec"]["command"][2] = "/mnt"
+
+
+def _wait_probe_killed_first(docs: list[Doc]) -> None:
+    del container(pod(docs), "sshfs")["startupProbe"]["timeoutSeconds"]
+
+
 def _meta_fuse_socket_env_missing(docs: list[Doc]) -> None:
     del container(pod(docs), "starter")["env"]
 
@@ -312,6 +342,23 @@ BROKEN: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
     "consumer starts before the sidecar": (
         "examples/sshfs/pod.yaml", _consumer_before_sidecar,
         "init container 'early-reader': reads 'data' but starts before the FUSE sidecar"),
+    "consumer execs sleep as PID 1": (
+        "examples/sshfs/pod.yaml", _consumer_execs_sleep,
+        "container 'app': `exec sleep` makes sleep PID 1, which ignores SIGTERM; use: trap"),
+    "consumer is sleep": (
+        "examples/sshfs/pod.yaml", _consumer_is_sleep,
+        "container 'app': PID 1 is sleep, which ignores SIGTERM"),
+    "consumer sleeps in a shell without a trap": (
+        "examples/sshfs/pod.yaml", _consumer_sleeps_in_the_foreground,
+        "container 'app': the shell is PID 1 without a TERM trap"),
+    "startupProbe waits on another path": (
+        "examples/sshfs/pod.yaml", _wait_probe_on_another_path,
+        "init container 'sshfs': its startupProbe waits for a FUSE mount on '/mnt', but it "
+        "mounts 'data' at /data"),
+    "startupProbe killed before --wait gives up": (
+        "examples/sshfs/pod.yaml", _wait_probe_killed_first,
+        "init container 'sshfs': startupProbe timeoutSeconds (1) must be above fusermount3 "
+        "--wait's --timeout (30 s)"),
     "meta-fuse socket path not set": (
         "examples/meta-fuse-migration/pod.yaml", _meta_fuse_socket_env_missing,
         "set FUSERMOUNT3PROXY_FDPASSING_SOCKPATH=/fusermount3-proxy/fuse-csi-ephemeral.sock"),
@@ -478,3 +525,250 @@ def test_the_containerfile_ships_the_zipapp_alone_and_runs_the_driver() -> None:
     assert 'ENTRYPOINT ["/opt/csi-async/bin/csi-async"]' in last
     assert 'CMD ["serve"]' in last
     assert "--constraint requirements/constraints.txt" in text
+
+
+# --------------------------------------------------------------------------- examples as shipped
+
+EXAMPLE_IMAGE = re.compile(r"ghcr\.io/csi-async/example-([a-z0-9-]+):")
+
+
+def example_pods() -> list[tuple[Path, Doc]]:
+    """(pod.yaml, pod spec) for every pod of every example."""
+    found = []
+    for path in sorted((REPO / "examples").glob("*/*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and (spec := vm.pod_spec_of(doc)) is not None:
+                found.append((path, spec))
+    return found
+
+
+def all_containers(spec: Doc) -> list[Doc]:
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def fuse_sidecars(spec: Doc) -> list[tuple[Doc, str]]:
+    """(container, where it mounts the FUSE volume) for each FUSE sidecar of a pod."""
+    fuse_volumes = {
+        v["name"]
+        for v in spec.get("volumes", [])
+        if (v.get("csi") or {}).get("driver") == vm.DRIVER_NAME
+        and "socketFor" not in (v["csi"].get("volumeAttributes") or {})
+    }
+    return [
+        (c, m["mountPath"])
+        for c in spec.get("initContainers", [])
+        if c.get("restartPolicy") == "Always" and c.get("startupProbe")
+        for m in c.get("volumeMounts", [])
+        if m["name"] in fuse_volumes
+    ]
+
+
+def test_every_fuse_sidecar_waits_for_its_mount_with_fusermount3_wait() -> None:
+    sidecars = [(path, c, at) for path, spec in example_pods() for c, at in fuse_sidecars(spec)]
+    assert len(sidecars) == len(list((REPO / "examples").glob("*/pod.yaml")))
+    for path, c, mount_path in sidecars:
+        probe = c["startupProbe"]
+        where = f"{path.relative_to(REPO)}: {c['name']}"
+        assert probe["exec"]["command"] == [
+            "fusermount3", "--wait", mount_path, "--timeout", "30",
+        ], where  # fmt: skip
+        assert (probe["initialDelaySeconds"], probe["periodSeconds"]) == (0, 1), where
+        assert probe["timeoutSeconds"] > 30, where
+        assert probe["failureThreshold"] >= 2, where
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "flagged"),
+    [
+        (["sleep", "infinity"], None, "PID 1 is sleep"),
+        (["/bin/sleep", "3600"], None, "PID 1 is sleep"),
+        (["sh", "-c", "cat /data/hello.txt && exec sleep infinity"], None, "`exec sleep`"),
+        (["sh"], ["-c", "exec sleep infinity"], "`exec sleep`"),
+        (["sh", "-ec", "exec /bin/sleep 3600"], None, "`exec sleep`"),
+        (["sh", "-c", "cat /data/hello && sleep infinity"], None, "without a TERM trap"),
+        (["bash", "-c", "while true; do sleep 1; done"], None, "without a TERM trap"),
+        (["sh", "-c", "sleep infinity & wait"], None, "without a TERM trap"),
+        (["sh", "-c", "trap 'exit 0' TERM; sleep infinity"], None, "foreground sleep"),
+        (["sh", "-c", "trap 'exit 0' SIGTERM; sleep 1h"], None, "foreground sleep"),
+        (["sh", "-c", "trap 'exit 0' TERM; cat /x || exit; sleep infinity & wait"], None, None),
+        (["sh", "-c", "trap 'exit 0' 15\nwhile :; do\n  sleep 1\ndone"], None, None),
+        (["sh", "-c", "trap 'exit 0' TERM; sleep 0.5"], None, None),
+        (["sh", "-c", "mkdir -p /tmp/x && exec s3fs demo /tmp/x -f"], None, None),
+        (["socat", "TCP-LISTEN:2222", "EXEC:sleep"], None, None),
+        (None, ["sleep", "infinity"], None),  # the image's entrypoint decides
+    ],
+)
+def test_a_pid_1_that_sleeps_through_sigterm_is_found(
+    command: list[str] | None, args: list[str] | None, flagged: str | None
+) -> None:
+    reason = vm.pid1_ignores_sigterm(command, args)
+    if flagged is None:
+        assert reason is None
+    else:
+        assert reason is not None and flagged in reason
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        found += [int(child) for child in children]
+        pending += [int(child) for child in children]
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a state"
+        time.sleep(0.01)
+
+
+KEEP_ALIVE_COMMANDS = [
+    (f"{path.relative_to(REPO)}: {c['name']}", c["command"])
+    for path, spec in example_pods()
+    for c in all_containers(spec)
+    if "sleep" in " ".join(c.get("command", []))
+]
+
+
+def test_every_keep_alive_command_is_run_here() -> None:
+    # One consumer per example keeps its container up with a sleep.
+    assert len(KEEP_ALIVE_COMMANDS) == len(list((REPO / "examples").glob("*/pod.yaml")))
+
+
+@pytest.mark.parametrize(
+    ("where", "command"), KEEP_ALIVE_COMMANDS, ids=[w for w, _ in KEEP_ALIVE_COMMANDS]
+)
+def test_keep_alive_commands_exit_on_sigterm_as_pid_1(
+    tmp_path: Path, where: str, command: list[str]
+) -> None:
+    """The pod spec's own command as PID 1 of a new PID namespace, as in a container.
+
+    What it does before sleeping (cat, cp, ls of the FUSE volume) is stubbed
+    out; the shell, its trap and the sleep are real.
+    """
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("cat", "cp", "ls"):
+        stub = stubs / name
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--", *command],
+        env={"PATH": f"{stubs}:/usr/bin:/bin"},
+    )
+    try:
+        _wait_until(lambda: len(_descendants(proc.pid)) >= 1)
+        pid1 = _descendants(proc.pid)[0]
+        # Its sleep has started, so the trap (set before it) is in place.
+        _wait_until(lambda: any(_comm(p) == "sleep" for p in _descendants(pid1)))
+        os.kill(pid1, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, where
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# The users a Dockerfile's final stage creates: useradd/adduser with a uid,
+# or a line appended to /etc/passwd (and the same for groups).
+_UID_OPTION = r"(?:-u|--uid)[ =]?(\d+)"
+_GID_OPTION = r"(?:-g|--gid)[ =]?(\d+)"
+
+
+def created_ids(dockerfile: str) -> tuple[set[int], set[int]]:
+    """(uids, gids) that the final stage of a Dockerfile creates."""
+    final = dockerfile[[m.start() for m in _FROM.finditer(dockerfile)][-1] :]
+    final = final.replace("\\\n", " ")
+    uids: set[int] = set()
+    gids: set[int] = set()
+    for command in re.split(r"&&|;|\n", final):
+        words = command.split()
+        if not words:
+            continue
+        tool = words[0] if words[0] != "RUN" else (words[1] if len(words) > 1 else "")
+        text = " ".join(words)
+        if tool in ("useradd", "adduser"):
+            uids |= {int(u) for u in re.findall(_UID_OPTION, text)}
+            if "--user-group" in words or "-U" in words:
+                gids |= {int(u) for u in re.findall(_UID_OPTION, text)}
+        elif tool in ("groupadd", "addgroup"):
+            gids |= {int(g) for g in re.findall(_GID_OPTION, text)}
+        if ">> /etc/passwd" in text or ">>/etc/passwd" in text:
+            uids |= {int(u) for u in re.findall(r"\b[\w.-]+:[^:\s]*:(\d+):\d+:", text)}
+        if ">> /etc/group" in text or ">>/etc/group" in text:
+            gids |= {int(g) for g in re.findall(r"\b[\w.-]+:[^:\s]*:(\d+):", text)}
+    return uids, gids
+
+
+def missing_users(root: Path) -> list[str]:
+    """Containers of example images whose uid (or gid) the image does not create."""
+    problems = []
+    for path, spec in example_pods():
+        pod_sc = spec.get("securityContext") or {}
+        for c in all_containers(spec):
+            image = EXAMPLE_IMAGE.match(c.get("image", ""))
+            if image is None:
+                continue
+            dockerfile = (root / "examples" / image.group(1) / "Dockerfile").read_text()
+            final = dockerfile[[m.start() for m in _FROM.finditer(dockerfile)][-1] :]
+            user = re.findall(r"^USER\s+(\d+)(?::(\d+))?", final, re.M)[-1]
+            sc = c.get("securityContext") or {}
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser", int(user[0])))
+            gid = sc.get("runAsGroup", pod_sc.get("runAsGroup", int(user[1] or user[0])))
+            uids, gids = created_ids(dockerfile)
+            recipe = f"examples/{image.group(1)}/Dockerfile"
+            where = f"{path.relative_to(REPO)}: {c['name']} ({recipe})"
+            if uid not in uids:
+                problems.append(f"{where}: runs as uid {uid}, which the image does not create")
+            if gid not in gids:
+                problems.append(f"{where}: runs as gid {gid}, which the image does not create")
+    return problems
+
+
+def test_every_example_image_creates_the_user_its_pods_run_as() -> None:
+    assert missing_users(REPO) == []
+
+
+def test_an_image_without_the_pods_user_is_found(repo_copy: Path) -> None:
+    dockerfile = repo_copy / "examples" / "sshfs" / "Dockerfile"
+    text = dockerfile.read_text()
+    broken = re.sub(r"^RUN groupadd.*\n.*useradd.*\n", "", text, flags=re.M)
+    assert broken != text
+    dockerfile.write_text(broken)
+    problems = missing_users(repo_copy)
+    assert (
+        "examples/sshfs/pod.yaml: sftp-server (examples/sshfs/Dockerfile): runs as uid 1000, "
+        "which the image does not create"
+    ) in problems
+    assert all("sshfs" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "uids", "gids"),
+    [
+        ("RUN groupadd --gid 1000 user \\\n    && useradd -l --uid 1000 --gid 1000 user\n",
+         {1000}, {1000}),
+        ("RUN useradd -u 1001 -U app\n", {1001}, {1001}),
+        ("RUN addgroup -g 10 g && adduser -D -u 10 -G g u\n", {10}, {10}),
+        ("RUN echo 'app:x:2000:2000::/tmp:/bin/sh' >> /etc/passwd \\\n"
+         " && echo 'app:x:2000:' >> /etc/group\n", {2000}, {2000}),
+        ("RUN apt-get install -y passwd\n", set(), set()),
+    ],
+)  # fmt: skip
+def test_created_ids_reads_the_usual_ways_of_creating_a_user(
+    snippet: str, uids: set[int], gids: set[int]
+) -> None:
+    assert created_ids("FROM debian:bookworm-slim\n" + snippet) == (uids, gids)
