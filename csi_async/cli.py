@@ -84,8 +84,15 @@ def main() -> None:
 @click.option(
     "--max-connections",
     type=int,
-    help="broker connections handled at once, node-wide; more are refused with EAGAIN  "
-    "[env CSI_ASYNC_MAX_CONNECTIONS; default 64]",
+    help="broker requests doing privileged work (mount syscalls) at once, node-wide; a "
+    "request waits up to 5 s for a slot, then gets EAGAIN  [env CSI_ASYNC_MAX_CONNECTIONS; "
+    "default 64]",
+)
+@click.option(
+    "--max-connections-per-pod",
+    type=int,
+    help="broker connections one pod may hold open at once across all its volumes; more are "
+    "refused with EAGAIN  [env CSI_ASYNC_MAX_CONNECTIONS_PER_POD; default 16]",
 )
 def serve(**flags: Any) -> None:
     """Serve the CSI Identity and Node services and the fd broker.

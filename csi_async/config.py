@@ -63,7 +63,16 @@ class Settings(BaseSettings):
         description="host:port for the Prometheus /metrics endpoint; empty: off.",
     )
     max_connections: int = Field(
-        default=64, ge=1, le=4096, description="Broker connections handled at once, node-wide."
+        default=64,
+        ge=1,
+        le=4096,
+        description="Broker requests doing privileged work (mount syscalls) at once, node-wide.",
+    )
+    max_connections_per_pod: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Broker connections one pod may hold open at once, across all its volumes.",
     )
 
     @field_validator("metrics_address")

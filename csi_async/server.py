@@ -14,8 +14,8 @@ import anyio
 from grpclib.server import Server
 
 from csi_async import __version__, logs, metrics
+from csi_async.broker.limits import BrokerLimits
 from csi_async.broker.policy import NodePolicy
-from csi_async.broker.volume_broker import BrokerLimits
 from csi_async.config import Settings
 from csi_async.csi import unimplemented
 from csi_async.csi.identity import IdentityService
@@ -65,7 +65,10 @@ async def serve(settings: Settings) -> None:
     policy = NodePolicy(
         allow_other=settings.allow_other, require_pod_cgroup=settings.peer_check == "cgroup"
     )
-    limits = BrokerLimits(node_wide=anyio.CapacityLimiter(settings.max_connections))
+    limits = BrokerLimits(
+        node_wide=anyio.CapacityLimiter(settings.max_connections),
+        per_pod=settings.max_connections_per_pod,
+    )
     if settings.metrics_address:
         metrics.serve(settings.metrics_address)
     ready = False

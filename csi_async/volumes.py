@@ -25,9 +25,10 @@ import anyio.abc
 import anyio.to_thread
 
 from csi_async import logs, metrics
-from csi_async.broker import sockets
+from csi_async.broker import audit, sockets
+from csi_async.broker.limits import BrokerLimits
 from csi_async.broker.policy import NodePolicy
-from csi_async.broker.volume_broker import BrokerLimits, VolumeBroker, VolumeTarget
+from csi_async.broker.volume_broker import VolumeBroker, VolumeTarget
 from csi_async.csi.requests import InvalidRequest, PublishSpec, TargetPath
 from csi_async.mount import fuse
 from csi_async.mount.mountinfo import MountEntry, mounts_at
@@ -108,8 +109,18 @@ class VolumeManager:
                 return
             # Shielded: a kubelet deadline must not leave half a volume behind.
             with anyio.CancelScope(shield=True):
-                self._volumes[key] = await self._set_up(spec, restoring=False)
-                await anyio.to_thread.run_sync(self._store.save, record)
+                published = await self._set_up(spec, restoring=False)
+                try:
+                    # The record is on disk before the volume counts as
+                    # published: a publish acknowledged once survives a
+                    # driver crash, and a failed save is retried by kubelet
+                    # against a clean slate instead of being answered OK.
+                    await anyio.to_thread.run_sync(self._store.save, record)
+                except BaseException:
+                    await self._tear_down(published)
+                    await anyio.to_thread.run_sync(self._detach_any_and_remove_target, spec.target)
+                    raise
+                self._volumes[key] = published
                 metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
 
     async def restore(self, validate: Callable[[VolumeRecord], PublishSpec]) -> int:
@@ -118,21 +129,51 @@ class VolumeManager:
         Each record is validated like a new request. The socket is created
         again in the same directory (the pods' bind mounts still show it),
         and a FUSE mount that is still there is adopted, not replaced.
+
+        Nothing one volume does can keep the driver from starting: a record
+        that no longer validates is dropped, and a volume that cannot be set
+        up (a pod racing its socket name, a vanished directory, anything
+        else) is left out with a log line and an audit record. Its record
+        stays for the next start; kubelet's unpublish still cleans it up.
         """
         restored = 0
         for record in await anyio.to_thread.run_sync(self._store.load):
             fields = {logs.TARGET: record.target_path, logs.VOLUME_ID: record.volume_id}
             try:
                 spec = validate(record)
-                self._volumes[spec.target.absolute] = await self._set_up(spec, restoring=True)
-                restored += 1
-                metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
-            except (InvalidRequest, PublishFailed) as err:
-                # The pod is gone (kubelet will still unpublish, which is fine)
-                # or the record no longer passes policy: forget it.
-                logs.log(log, logging.WARNING, f"dropping volume record: {err}", **fields)
+            except InvalidRequest as err:
+                # The record no longer passes validation or policy: forget it.
+                self._restore_failed(f"dropping volume record: {err}", fields, forget=True)
                 await anyio.to_thread.run_sync(self._store.remove, record.target_path)
+                continue
+            except Exception as err:
+                self._restore_failed(f"cannot validate volume record: {err!r}", fields)
+                continue
+            try:
+                published = await self._set_up(spec, restoring=True)
+            except PublishFailed as err:
+                self._restore_failed(f"volume not restored: {err}", fields)
+                continue
+            except Exception as err:
+                log.error("restoring a volume failed", exc_info=True, extra={"fields": fields})
+                self._restore_failed(f"volume not restored: {type(err).__name__}: {err}", fields)
+                continue
+            self._volumes[spec.target.absolute] = published
+            restored += 1
+            metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
         return restored
+
+    @staticmethod
+    def _restore_failed(message: str, fields: dict[str, str], *, forget: bool = False) -> None:
+        logs.log(log, logging.WARNING, message, **fields)
+        audit.record(
+            "restore " + ("dropped" if forget else "skipped"),
+            allowed=False,
+            op="restore",
+            decision="dropped" if forget else "skipped",
+            detail=message,
+            **fields,
+        )
 
     async def _set_up(self, spec: PublishSpec, *, restoring: bool) -> Published:
         target_created, existing = await anyio.to_thread.run_sync(
@@ -143,10 +184,17 @@ class VolumeManager:
                 if not existing:
                     await anyio.to_thread.run_sync(self._bind_socket_dir, spec)
                 return Published(spec)
-            broker = await self._start_broker(spec)
-            fuse_mounts = [m for m in existing if m.is_fuse]
-            if fuse_mounts:
-                await anyio.to_thread.run_sync(broker.adopt, fuse_mounts[-1])
+            broker = await self._new_broker(spec)
+            try:
+                fuse_mounts = [m for m in existing if m.is_fuse]
+                if fuse_mounts:
+                    await anyio.to_thread.run_sync(broker.adopt, fuse_mounts[-1])
+                await self._tg.start(broker.serve)
+            except BaseException:
+                # Not serving yet: only the socket is ours to undo; an adopted
+                # mount stays with its daemon (unpublish detaches it).
+                await anyio.to_thread.run_sync(broker.discard)
+                raise
             return Published(spec, broker)
         except BaseException:
             if target_created:
@@ -165,6 +213,11 @@ class VolumeManager:
             raise PublishFailed(
                 f"the parent of {target.absolute} does not exist (kubelet creates it)"
             ) from None
+        except OSError as err:
+            raise PublishFailed(
+                f"the parent of {target.absolute} is not a plain directory: "
+                f"{os.strerror(err.errno or errno.EIO)}"
+            ) from None
         try:
             created = make_directory(parent_fd, "mount", TARGET_MODE)
             existing = mounts_at(target.absolute)
@@ -175,6 +228,10 @@ class VolumeManager:
             if not existing:
                 os.close(open_child_dir(parent_fd, "mount"))  # a directory, not a symlink
             return created, existing
+        except OSError as err:
+            raise PublishFailed(
+                f"cannot create the target {target.absolute}: {os.strerror(err.errno or errno.EIO)}"
+            ) from None
         finally:
             os.close(parent_fd)
 
@@ -262,17 +319,25 @@ class VolumeManager:
                 raise PublishFailed(
                     f"emptyDir {attrs.fd_passing_empty_dir_name!r} is not a plain directory"
                 ) from None
-            raise
+            raise PublishFailed(
+                f"cannot open emptyDir {attrs.fd_passing_empty_dir_name!r}: "
+                f"{os.strerror(err.errno or errno.EIO)}"
+            ) from None
 
-    async def _start_broker(self, spec: PublishSpec) -> VolumeBroker:
+    async def _new_broker(self, spec: PublishSpec) -> VolumeBroker:
+        """A broker listening on the volume's socket, not serving yet."""
+
         def bind() -> sockets.BoundSocket:
             dir_fd = self._open_socket_dir(spec)
             name = spec.attributes.fd_passing_socket_name or NATIVE_SOCKET_NAME
             try:
                 return sockets.listen_in(dir_fd, name)
-            except FileExistsError as err:
+            except OSError as err:
+                # The socket's directory may be the pod's own emptyDir: whatever
+                # the pod did there is its problem, reported, never INTERNAL.
                 os.close(dir_fd)
-                raise PublishFailed(f"cannot create the broker socket: {err}") from None
+                reason = str(err) if isinstance(err, FileExistsError) else err.strerror or err
+                raise PublishFailed(f"cannot create the broker socket {name!r}: {reason}") from None
             except BaseException:
                 os.close(dir_fd)
                 raise
@@ -295,7 +360,6 @@ class VolumeManager:
             policy=self._policy,
             limits=self._limits,
         )
-        await self._tg.start(broker.serve)
         return broker
 
     # ------------------------------------------------------------------ unpublish
@@ -343,6 +407,10 @@ class VolumeManager:
         for other in self._volumes.values():
             o = other.spec
             if o is spec or o.target.pod_uid != spec.target.pod_uid:
+                continue
+            if o.kind == "fuse" and o.attributes.fd_passing_empty_dir_name is not None:
+                # A meta-fuse volume keeps its socket in its emptyDir and never
+                # uses the native directory, even when a socketFor names it.
                 continue
             if (o.attributes.socket_for or o.target.volume_name) == owner:
                 return None  # the other half is still published

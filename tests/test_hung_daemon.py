@@ -127,7 +127,7 @@ def test_a_hung_daemon_blocks_readers_until_unpublish_aborts_it(
     retry = node.sandbox(dict(volume.socket_binds)).spawn(
         ["fusermount3", "--start", "--", "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    time.sleep(0.3)  # the probe is running now
+    _wait_for_thread(node, "fuse-liveness-p")  # the probe is waiting on the daemon now
     assert _timed(lambda: node.kubelet.probe(timeout=1.0)) < 1.0
     assert retry.wait(15) == 1
     assert "already mounted" in retry.stderr.read().decode()
@@ -172,6 +172,23 @@ def test_a_hung_daemon_blocks_readers_until_unpublish_aborts_it(
     # The driver is still fine and the other volume still serves.
     assert _timed(lambda: node.kubelet.probe(timeout=1.0)) < 1.0
     assert (other_target / "hello").read_text() == HELLO_TEXT
+
+
+def _wait_for_thread(node: Node, comm: str, timeout: float = 10.0) -> None:
+    assert node.driver.process is not None
+    tasks = Path(f"/proc/{node.driver.process.pid}/task")
+    deadline = time.monotonic() + timeout
+    while True:
+        names = []
+        for task in tasks.iterdir():
+            try:
+                names.append((task / "comm").read_text().strip())
+            except OSError:
+                continue  # the thread ended meanwhile
+        if comm in names:
+            return
+        assert time.monotonic() < deadline, f"no {comm} thread in the driver: {names}"
+        time.sleep(0.02)
 
 
 def _wait(container: Container, timeout: float) -> int | None:

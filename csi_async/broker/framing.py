@@ -1,38 +1,46 @@
 """Reading and writing protocol frames on non-blocking sockets, on the event loop.
 
-recvmsg is used (not recv) so that file descriptors a client attaches are
-seen, closed at once, and turned into a protocol error; MSG_CTRUNC (more fds
-than our one-slot control buffer) is an error too.
+Requests never carry file descriptors, and the driver must never hold one a
+pod sent: closing a file that lives on the pod's own FUSE mount sends
+FUSE_FLUSH to the pod's daemon, which may never answer, and that close would
+run on the event loop every tenant shares. So fds are kept out twice:
+
+- listening sockets turn SO_PASSRIGHTS off (Linux 6.16+; accepted sockets
+  inherit it), so the kernel refuses the pod's sendmsg() with EPERM and no
+  fd ever reaches our queue;
+- on older kernels, requests are read with recvmsg() and no control buffer:
+  the kernel then drops any attached fds itself (a reference drop, no flush)
+  and flags MSG_CTRUNC, which we treat as "fds were attached" and refuse.
 """
 
 from __future__ import annotations
 
 import array
-import os
 import socket
 
 import anyio
 
 from fusermount3_proxy import protocol
 
-_FD_SIZE = array.array("i").itemsize
-_CONTROL_SPACE = socket.CMSG_SPACE(_FD_SIZE)
+# Not in Python's socket module yet (Linux 6.16, include/uapi/asm-generic/socket.h).
+SO_PASSRIGHTS = 83
 
 
 class FramingError(Exception):
     """The peer broke the framing rules; answer (if possible) and hang up."""
 
 
-def _close_passed_fds(ancillary: list[tuple[int, int, bytes]]) -> int:
-    count = 0
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
-            for fd in fds:
-                os.close(fd)
-                count += 1
-    return count
+def refuse_passed_fds(sock: socket.socket) -> bool:
+    """Make the kernel refuse SCM_RIGHTS sent to this socket; False if it cannot.
+
+    On a listening socket it applies to every connection accepted from it,
+    including those whose data arrived before accept().
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError:
+        return False  # ENOPROTOOPT: an older kernel; recvmsg's MSG_CTRUNC still guards
+    return True
 
 
 async def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -40,13 +48,12 @@ async def _recv_exact(sock: socket.socket, size: int) -> bytes:
     while len(chunks) < size:
         await anyio.wait_readable(sock)
         try:
-            data, ancillary, flags, _ = sock.recvmsg(
-                size - len(chunks), _CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC
-            )
+            # No control buffer: attached fds are never installed in our fd
+            # table (see the module docstring).
+            data, _, flags, _ = sock.recvmsg(size - len(chunks))
         except (BlockingIOError, InterruptedError):
             continue
-        passed = _close_passed_fds(ancillary)
-        if passed or flags & socket.MSG_CTRUNC:
+        if flags & socket.MSG_CTRUNC:
             raise FramingError("requests must not carry file descriptors")
         if not data:
             raise FramingError("connection closed in the middle of a frame")

@@ -29,7 +29,10 @@ import anyio.to_thread
 
 from csi_async import logs, metrics
 from csi_async.broker import framing, sockets, wire
+from csi_async.broker.audit import record
+from csi_async.broker.fuse_waits import NoSlot
 from csi_async.broker.identity import Peer, peer_of
+from csi_async.broker.limits import BrokerLimits
 from csi_async.broker.policy import NodePolicy, OptionRefused, plan_mount
 from csi_async.mount import fuse
 from csi_async.mount import syscalls as sc
@@ -39,8 +42,6 @@ from fusermount3_proxy import protocol
 from fusermount3_proxy.protocol import MountRequest, UnmountRequest
 
 log = logging.getLogger("csi_async.broker")
-# One line per privileged request: its own logger, so it can go to its own file.
-audit_log = logging.getLogger("csi_async.audit")
 T = TypeVar("T")
 
 # Ids handed to clients for the mounts we make. Kernel mount ids are reused
@@ -51,8 +52,16 @@ _mount_tokens = itertools.count(time.time_ns() // 1000)
 # How long a liveness probe of an existing mount may take before a hung
 # daemon is taken to be alive.
 PROBE_TIMEOUT = 2.0
-# Probes to try after the daemon's process exited before deciding it lives on.
-PATIENT_PROBES = 5
+# After the daemon's process exited a dead connection is likely, and a late
+# answer more probably means a loaded node than a hung daemon: wait longer.
+PATIENT_PROBE_TIMEOUT = 10.0
+# How long a request waits for its volume's lock (another request on the
+# same volume) or for a node-wide slot before it is told to try again.
+LOCK_WAIT = 5.0
+SLOT_WAIT = 5.0
+
+# Reported when the peer could not be looked up at all.
+_UNKNOWN_PEER = Peer(0, -1, -1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,16 +92,9 @@ class ActiveMount:
     gid: int
     # Cancels the task that watches the daemon's process (see _watch_daemon).
     watch: anyio.CancelScope | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerLimits:
-    """Bounds on what pods can make the broker do at once."""
-
-    # Connections being handled across every volume of the node.
-    node_wide: anyio.CapacityLimiter
-    # Connections open at once on one volume's socket.
-    per_volume: int = 8
+    # A liveness probe's thread is still running (answered or not): at most
+    # one per mount, so a hung daemon cannot collect threads.
+    probing: bool = False
 
 
 @dataclass(slots=True)
@@ -116,6 +118,21 @@ class BrokerError(Exception):
         self.reason = reason
 
 
+def _refusal_of(err: Exception) -> tuple[int, str, str, str]:
+    """(errno, message for the program's stderr, metrics reason, audit decision)."""
+    if isinstance(err, (framing.FramingError, wire.BadRequest, protocol.ProtocolError)):
+        return errno.EPROTO, str(err), "protocol", "refused"
+    if isinstance(err, BrokerError):
+        return err.errno, err.message, err.reason, "refused"
+    if isinstance(err, OSError):
+        # Unexpected kernel errors are reported, never swallowed: the FUSE
+        # program shows the message to its user.
+        code = err.errno or errno.EIO
+        return code, f"mount failed: {os.strerror(code)}", "kernel", "failed"
+    message = f"internal error in the csi-async broker: {type(err).__name__}"
+    return errno.EIO, message, "internal", "failed"
+
+
 class VolumeBroker:
     def __init__(
         self,
@@ -128,6 +145,7 @@ class VolumeBroker:
     ) -> None:
         self.target = target
         self._limits = limits
+        self._waits = limits.fuse_waits
         self._connections = 0
         self._root = kubelet_root
         self._bound = bound
@@ -191,15 +209,30 @@ class VolumeBroker:
                             # something stranger); the volume keeps listening.
                             await anyio.sleep(0.1)
                             continue
-                        conn.setblocking(False)
                         tg.start_soon(self._handle, conn)
         finally:
             self._done.set()
 
     async def _stop_serving(self) -> None:
+        """Cancel the accept loop, every request in progress and the daemon watch.
+
+        Requests cut off here roll back what they did (under a shield), so
+        when this returns no mount is half made.
+        """
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
             await self._done.wait()
+
+    def discard(self) -> None:
+        """Undo a broker that never served: remove its socket, touch no mount.
+
+        Blocking (the socket may sit in the pod's emptyDir): run it off the loop.
+        """
+        if self._active is not None:
+            os.close(self._active.mount_fd)
+            self._active = None
+            metrics.LIVE_MOUNTS.dec()
+        sockets.remove(self._bound)
 
     async def stop_listening(self) -> None:
         """Driver shutdown: stop accepting; mounts stay with their daemons."""
@@ -208,58 +241,81 @@ class VolumeBroker:
 
     async def close(self) -> None:
         """Unpublish: stop listening, remove the socket, unmount what we mounted."""
-        # Taking the lock first lets a mount in progress finish (and be
-        # recorded) instead of landing after we have cleaned up.
+        await self._stop_serving()
+        # The socket may sit in the pod's own emptyDir: no stat of it on the loop.
+        await anyio.to_thread.run_sync(sockets.remove, self._bound)
         async with self._lock:
-            await self._stop_serving()
-            sockets.remove(self._bound)
             await self._detach_all()
 
     # ------------------------------------------------------------------ one connection
 
     async def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            started = time.monotonic()
-            peer = peer_of(conn)
-            audit = _Audit(op="?", started=started)
-            self._connections += 1
-            try:
-                await self._handle_checked(conn, peer, audit)
-            except (framing.FramingError, wire.BadRequest, protocol.ProtocolError) as err:
-                await self._answer_refusal(conn, audit, errno.EPROTO, str(err), "protocol")
-            except BrokerError as err:
-                await self._answer_refusal(conn, audit, err.errno, err.message, err.reason)
-            except OSError as err:
-                # Unexpected kernel errors are reported, never swallowed: the
-                # FUSE program shows the message to its user.
-                code = err.errno or errno.EIO
-                message = f"mount failed: {os.strerror(code)}"
-                await self._answer_refusal(conn, audit, code, message, "kernel", "failed")
-            except Exception as err:
-                # A bug must cost one request, never the driver: an exception
-                # escaping here would end the task group every volume runs in.
-                log.error("broker request failed unexpectedly", exc_info=True)
-                message = f"internal error in the csi-async broker: {type(err).__name__}"
-                await self._answer_refusal(conn, audit, errno.EIO, message, "internal", "failed")
-            finally:
-                self._connections -= 1
-                self._audit(peer, audit)
+        """One connection from accept to close: a hard boundary.
 
-    async def _handle_checked(self, conn: socket.socket, peer: Peer, audit: _Audit) -> None:
-        if self._connections > self._limits.per_volume:
-            raise BrokerError(errno.EBUSY, "too many connections to this volume's broker", "limit")
-        if self._limits.node_wide.available_tokens == 0:
-            raise BrokerError(errno.EAGAIN, "the broker is busy; try again", "limit")
-        async with self._limits.node_wide:
-            body = await framing.read_request_body(conn, protocol.READ_TIMEOUT)
-            request = wire.parse_request(body)
-            audit.op = request["op"]
-            self._check_peer(peer)
-            async with self._lock:
-                if request["op"] == "mount":
-                    audit.spec = await self._mount(conn, request, peer)
-                else:
-                    await self._unmount(conn, request)
+        Whatever fails in any step (the budget, the peer lookup, framing,
+        validation, the work, the refusal, the audit line) costs this one
+        connection and is logged; it never reaches the task group that
+        every volume of the node runs in.
+        """
+        audit = _Audit(op="?", started=time.monotonic())
+        peer = _UNKNOWN_PEER
+        counted = False
+        try:
+            try:
+                over = self._limits.open_connection(self.target.pod_uid, self._connections)
+                if over is not None:
+                    raise BrokerError(errno.EAGAIN, over, "limit")
+                counted = True
+                self._connections += 1
+                peer = peer_of(conn)
+                await self._serve_request(conn, peer, audit)
+            except anyio.get_cancelled_exc_class():
+                audit.decision = "cancelled"
+                raise
+            except Exception as err:
+                if not isinstance(err, (BrokerError, OSError, framing.FramingError,
+                                        wire.BadRequest, protocol.ProtocolError)):  # fmt: skip
+                    log.error("broker request failed unexpectedly", exc_info=True)
+                code, message, reason, decision = _refusal_of(err)
+                audit.decision, audit.errno, audit.detail = decision, code, message
+                metrics.BROKER_REFUSALS.labels(reason).inc()
+                await self._refuse(conn, code, message)
+            finally:
+                if counted:
+                    self._connections -= 1
+                    self._limits.close_connection(self.target.pod_uid)
+                # A Unix socket we never let an fd into: closing it cannot
+                # reach a FUSE daemon.
+                conn.close()
+                self._audit(peer, audit)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            log.error("broker connection handling failed", exc_info=True)
+
+    async def _serve_request(self, conn: socket.socket, peer: Peer, audit: _Audit) -> None:
+        body = await framing.read_request_body(conn, protocol.READ_TIMEOUT)
+        request = wire.parse_request(body)
+        audit.op = request["op"]
+        self._check_peer(peer)
+        # No node-wide slot is held while waiting here, nor during a probe:
+        # those are taken only around the mount syscalls (see _mount).
+        locked = False
+        with anyio.move_on_after(LOCK_WAIT):
+            await self._lock.acquire()
+            locked = True  # no await in between: a deadline cannot split the two
+        if not locked:
+            raise BrokerError(
+                errno.EAGAIN, "another request on this volume is still in progress; try again",
+                "busy",
+            )  # fmt: skip
+        try:
+            if request["op"] == "mount":
+                audit.spec = await self._mount(conn, request, peer)
+            else:
+                await self._unmount(conn, request)
+        finally:
+            self._lock.release()
 
     def _check_peer(self, peer: Peer) -> None:
         """The caller must run in this volume's pod (see identity.py)."""
@@ -272,14 +328,6 @@ class VolumeBroker:
                 "process does not run in that pod",
                 "peer",
             )
-
-    async def _answer_refusal(
-        self, conn: socket.socket, audit: _Audit, err: int, message: str, reason: str,
-        decision: str = "refused",
-    ) -> None:  # fmt: skip
-        audit.decision, audit.errno, audit.detail = decision, err, message
-        metrics.BROKER_REFUSALS.labels(reason).inc()
-        await self._refuse(conn, err, message)
 
     async def _refuse(self, conn: socket.socket, err: int, message: str) -> None:
         try:
@@ -306,21 +354,16 @@ class VolumeBroker:
                 "user_id": spec.user_id,
                 "group_id": spec.group_id,
             }
-        logs.log(
-            audit_log,
-            logging.INFO if audit.decision == "allowed" else logging.WARNING,
+        record(
             f"broker {audit.op} {audit.decision}",
+            allowed=audit.decision == "allowed",
             op=audit.op,
             decision=audit.decision,
             errno=audit.errno,
             detail=audit.detail,
             effective=effective,
+            **self._fields(),
             **{
-                logs.VOLUME_ID: self.target.volume_id,
-                logs.TARGET: self.target.absolute,
-                logs.POD_UID: self.target.pod_uid,
-                logs.POD_NAMESPACE: self.target.pod_namespace,
-                logs.POD_NAME: self.target.pod_name,
                 logs.PEER_PID: peer.pid,
                 logs.PEER_UID: peer.uid,
                 logs.PEER_GID: peer.gid,
@@ -329,12 +372,30 @@ class VolumeBroker:
             },
         )
 
+    def _fields(self) -> dict[str, str]:
+        return {
+            logs.VOLUME_ID: self.target.volume_id,
+            logs.TARGET: self.target.absolute,
+            logs.POD_UID: self.target.pod_uid,
+            logs.POD_NAMESPACE: self.target.pod_namespace,
+            logs.POD_NAME: self.target.pod_name,
+        }
+
     # ------------------------------------------------------------------ MOUNT
 
     async def _mount(
         self, conn: socket.socket, request: MountRequest, peer: Peer
     ) -> fuse.FuseMountSpec:
         await self._clear_dead_mount()
+        if not self._waits.has_slot(self.target.pod_uid):
+            # Its threads are stuck in calls to unresponsive daemons (probes,
+            # last closes); more mounts would only stack more of them.
+            raise BrokerError(
+                errno.EBUSY,
+                "earlier calls to this pod's FUSE daemons have not returned "
+                "(a daemon does not answer); try again once they do",
+                "busy",
+            )
         try:
             spec = plan_mount(
                 volume_options=list(self.target.options),
@@ -347,33 +408,47 @@ class VolumeBroker:
             )
         except OptionRefused as err:
             raise BrokerError(err.errno, err.message, "policy") from None
-        made = await _blocking(lambda: self._mount_on_target(spec))
-        token = next(_mount_tokens)
-        # Taken while the helper still waits for our answer: once answered it
-        # may exit and be reaped before a watcher could open its pid.
-        pidfds = _pidfds_of(peer.pid)
+        slot = False
+        with anyio.move_on_after(SLOT_WAIT):
+            await self._limits.node_wide.acquire()
+            slot = True
+        if not slot:
+            raise BrokerError(errno.EAGAIN, "the node's brokers are busy; try again", "limit")
         try:
+            made = await _blocking(lambda: self._mount_on_target(spec))
+        finally:
+            self._limits.node_wide.release()
+        delivered = False
+        pidfds: list[int] = []
+        try:
+            token = next(_mount_tokens)
+            # Taken while the helper still waits for our answer: once answered
+            # it may exit and be reaped before a watcher could open its pid.
+            pidfds = _pidfds_of(peer.pid)
             frame = wire.response_frame(ok=True, mount_id=token)
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
-        except (OSError, TimeoutError):
-            # The program never got the fd: a mount nobody serves would hang
-            # every reader, so take it down again.
-            for fd in pidfds:
-                os.close(fd)
-            await _blocking(lambda: _detach_and_close(made.mount_fd))
-            raise
+            watch = anyio.CancelScope()
+            self._active = ActiveMount(
+                made.mount_fd, token, made.mount_id, made.minor, peer.uid, peer.gid, watch
+            )
+            delivered = True
+            metrics.LIVE_MOUNTS.inc()
+            if self._tasks is not None:
+                self._tasks.start_soon(self._watch_daemon, token, pidfds, watch)
+                pidfds = []
         finally:
-            os.close(made.fuse_fd)
-        watch = anyio.CancelScope()
-        self._active = ActiveMount(
-            made.mount_fd, token, made.mount_id, made.minor, peer.uid, peer.gid, watch
-        )
-        metrics.LIVE_MOUNTS.inc()
-        if self._tasks is not None:
-            self._tasks.start_soon(self._watch_daemon, token, pidfds, watch)
-        else:
-            for fd in pidfds:
-                os.close(fd)
+            # On any failure (the peer went away, a cancellation by unpublish or
+            # shutdown, a bug) the program never got the fd: a mount nobody
+            # serves would hang every reader, so take it down again.
+            with anyio.CancelScope(shield=True):
+                os.close(made.fuse_fd)
+                for fd in pidfds:
+                    os.close(fd)
+                if not delivered:
+                    try:
+                        await _blocking(lambda: fuse.detach_mount_quietly(made.mount_fd))
+                    finally:
+                        self._close_later(made.mount_fd)
         return spec
 
     def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
@@ -393,7 +468,15 @@ class VolumeBroker:
         active = self._active
         if active is None:
             return
-        if not await self._is_dead(active):
+        dead = await self._probe(active, PROBE_TIMEOUT)
+        if dead is None:
+            raise BrokerError(
+                errno.EBUSY,
+                "the volume is already mounted and its FUSE daemon does not answer (it "
+                "counts as alive until it answers or exits)",
+                "busy",
+            )
+        if not dead:
             raise BrokerError(
                 errno.EBUSY,
                 "the volume is already mounted and its FUSE daemon is still running "
@@ -404,23 +487,34 @@ class VolumeBroker:
         await self._forget(active)
         metrics.DEAD_MOUNTS_DETACHED.inc()
 
-    async def _is_dead(self, active: ActiveMount, *, patient: bool = False) -> bool:
-        """Probe the daemon; no answer counts as alive (a hung daemon is alive).
+    async def _probe(self, active: ActiveMount, timeout: float) -> bool | None:
+        """Is the daemon gone? True: dead; False: answered; None: no answer (yet).
 
-        patient: the daemon's process just exited, so a dead connection is
-        likely and a missing answer more probably means a loaded node than a
-        hung daemon: ask a few more times before giving up.
+        A hung daemon is alive. At most one probe thread per mount runs at a
+        time: while one is still waiting for the daemon, the answer is None.
         """
-        for _ in range(PATIENT_PROBES if patient else 1):
-            dead = await anyio.to_thread.run_sync(
-                lambda: fuse.connection_is_dead(
-                    active.mount_fd, active.uid, active.gid, not self._policy.allow_other,
-                    PROBE_TIMEOUT,
-                )
-            )  # fmt: skip
-            if dead is not None:
-                return dead
-        return False
+        if active.probing:
+            return None
+        probe_fd = os.dup(active.mount_fd)
+        as_owner = not self._policy.allow_other
+
+        def finished() -> None:
+            active.probing = False
+
+        try:
+            active.probing = True
+            outcome = await self._waits.call(
+                self.target.pod_uid,
+                lambda: fuse.connection_is_dead(probe_fd, active.uid, active.gid, as_owner),
+                timeout,
+                name="liveness-probe",
+                on_finish=finished,
+            )
+        except NoSlot:
+            active.probing = False
+            os.close(probe_fd)
+            return None
+        return outcome.value if outcome.finished else None
 
     async def _forget(self, active: ActiveMount, *, abort: bool = False) -> None:
         """Detach our mount and drop it (caller holds the lock).
@@ -432,9 +526,26 @@ class VolumeBroker:
             active.watch.cancel()
         self._active = None
         metrics.LIVE_MOUNTS.dec()
-        if abort:
-            await _blocking(lambda: fuse.abort_connection(active.minor))
-        await _blocking(lambda: _detach_and_close(active.mount_fd))
+        with anyio.CancelScope(shield=True):
+            if abort:
+                await _blocking(lambda: fuse.abort_connection(active.minor))
+            try:
+                await _blocking(lambda: fuse.detach_mount_quietly(active.mount_fd))
+            finally:
+                self._close_later(active.mount_fd)
+
+    def _close_later(self, mount_fd: int) -> None:
+        """Close a detached mount's fd in a thread of its own.
+
+        If it is the last reference, the close unmounts the superblock, which
+        may write dirty pages back through the daemon: a hung daemon could
+        keep that close waiting, and the event loop must not be the one. Such
+        a thread ends when the daemon answers or dies (at the latest when its
+        pod is deleted); it is never aborted by its connection's number,
+        which the kernel may give to another pod's mount the moment the close
+        completes. Until then it counts against the pod (see _mount).
+        """
+        self._waits.run_detached(self.target.pod_uid, lambda: os.close(mount_fd), name="close")
 
     async def _watch_daemon(self, token: int, pidfds: list[int], scope: anyio.CancelScope) -> None:
         """Detach the mount soon after its FUSE daemon dies.
@@ -466,18 +577,14 @@ class VolumeBroker:
                         active = self._active
                         if active is None or active.token != token:
                             return
-                        if await self._is_dead(active, patient=True):
-                            active_watch, active.watch = active.watch, None
+                        if await self._probe(active, PATIENT_PROBE_TIMEOUT):
+                            active.watch = None  # this very task: do not cancel it
                             await self._forget(active)
                             metrics.DEAD_MOUNTS_DETACHED.inc()
                             logs.log(
-                                log,
-                                logging.INFO,
-                                "FUSE daemon exited; detached its dead mount",
-                                **{logs.TARGET: self.target.absolute,
-                                   logs.VOLUME_ID: self.target.volume_id},
+                                log, logging.INFO, "FUSE daemon exited; detached its dead mount",
+                                **self._fields(),
                             )  # fmt: skip
-                            del active_watch
                             return
             finally:
                 for fd in pidfds:
@@ -500,6 +607,8 @@ class VolumeBroker:
 
     async def _detach_all(self) -> None:
         if self._active is not None:
+            # Aborted while our fd still pins the mount, so the connection
+            # number cannot have been reused by another pod's mount.
             await self._forget(self._active, abort=True)
         await _blocking(self._detach_leftovers)
 
@@ -533,8 +642,8 @@ async def _blocking(fn: Callable[[], T]) -> T:
     Not abandoned on cancellation: these calls never wait for a FUSE daemon
     (a new FUSE superblock sends INIT without waiting; MNT_DETACH does not
     talk to the daemon), and abandoning one half-way could leak a mount.
-    The one call that does reach a daemon, the liveness probe, runs in its
-    own thread with a timeout (fuse.connection_is_dead).
+    The calls that can reach a daemon (the liveness probe, the last close
+    of a mount) run in threads of their own (fuse_waits).
     """
     return await anyio.to_thread.run_sync(fn)
 
@@ -567,13 +676,18 @@ def _pidfds_of(peer_pid: int) -> list[int]:
 
 
 def _parent_of(pid: int) -> int | None:
+    # /proc/<pid>/stat takes no lock a FUSE fault could hold (unlike cmdline
+    # or environ, which read the process's memory), so it is safe here.
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             stat_line = f.read()
     except OSError:
         return None
     # The command name may contain spaces and parentheses; fields follow the last ')'.
-    return int(stat_line.rpartition(")")[2].split()[1])
+    try:
+        return int(stat_line.rpartition(")")[2].split()[1])
+    except (IndexError, ValueError):
+        return None
 
 
 async def _first_readable(fds: list[int]) -> int:
@@ -589,14 +703,3 @@ async def _first_readable(fds: list[int]) -> int:
         for fd in fds:
             tg.start_soon(wait_for, fd)
     return winner[0]
-
-
-def _detach_and_close(mount_fd: int) -> None:
-    try:
-        fuse.detach_mount(mount_fd)
-    except OSError as err:
-        # EINVAL: already detached (e.g. by a lazy unmount from elsewhere).
-        if err.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(mount_fd)

@@ -31,8 +31,22 @@ _MountModel = _model_of(MountRequest)
 _UnmountModel = _model_of(UnmountRequest)
 
 
+def _require_utf8(value: str, what: str) -> None:
+    # JSON's \uXXXX escapes can spell a lone UTF-16 surrogate, which is a
+    # Python str but no UTF-8: it could never be logged, echoed in an error
+    # message or handed to the kernel, so it is refused here, up front.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+
+
 def _check_request_limits(model: BaseModel) -> Request:
     request = cast(Request, model.model_dump())
+    _require_utf8(request["mountpoint"], "mountpoint")
+    if request["op"] == "mount":
+        for option in request["options"]:
+            _require_utf8(option, "a mount option")
     if len(request["mountpoint"]) > protocol.MAX_PATH_LENGTH:
         raise ValueError(f"mountpoint longer than {protocol.MAX_PATH_LENGTH} characters")
     if "\0" in request["mountpoint"]:
@@ -73,13 +87,35 @@ def parse_request(body: bytes) -> Request:
         raise BadRequest(f"invalid request: {where}: {first['msg']}") from None
 
 
+# Sent when a response cannot be built at all; never expected, always encodable.
+_FALLBACK = protocol.encode_frame(
+    protocol.KIND_RESPONSE,
+    {"ok": False, "errno": 5, "message": "internal error in the csi-async broker",
+     "mount_id": None},
+)  # fmt: skip
+
+
+def printable_message(message: str) -> str:
+    """A message that encodes as UTF-8 and fits MAX_MESSAGE_LENGTH bytes.
+
+    Messages may quote what a pod sent; whatever it holds, the answer must
+    still encode (a failing encode in an error path once killed the driver).
+    """
+    data = message.encode("utf-8", "backslashreplace")[: protocol.MAX_MESSAGE_LENGTH]
+    return data.decode("utf-8", "ignore")  # a cut in the middle of a character
+
+
 def response_frame(
     *, ok: bool, errno: int = 0, message: str = "", mount_id: int | None = None
 ) -> bytes:
-    response: Response = {
-        "ok": ok,
-        "errno": errno,
-        "message": message[: protocol.MAX_MESSAGE_LENGTH],
-        "mount_id": mount_id,
-    }
-    return protocol.encode_frame(protocol.KIND_RESPONSE, response)
+    """Encode a response. Total: never raises, whatever the message holds."""
+    try:
+        response: Response = {
+            "ok": ok,
+            "errno": int(errno),
+            "message": printable_message(message),
+            "mount_id": mount_id,
+        }
+        return protocol.encode_frame(protocol.KIND_RESPONSE, response)
+    except Exception:
+        return _FALLBACK

@@ -136,6 +136,19 @@ def detach_mount(mount_fd: int) -> None:
     sc.umount2(f"/proc/self/fd/{mount_fd}", sc.MNT_DETACH)
 
 
+def detach_mount_quietly(mount_fd: int) -> None:
+    """detach_mount, where "already detached" (EINVAL) is not an error.
+
+    A mount can be gone already: a lazy unmount from elsewhere, or one that
+    was never attached because move_mount failed.
+    """
+    try:
+        sc.umount2(f"/proc/self/fd/{mount_fd}", sc.MNT_DETACH)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+
+
 def detach_path(parent_fd: int, name: str) -> None:
     """Lazily unmount whatever is mounted on name inside a pinned directory.
 
@@ -160,37 +173,26 @@ def bind_read_only(source_dir_fd: int, target_fd: int) -> None:
         os.close(clone_fd)
 
 
-def connection_is_dead(
-    mount_fd: int, uid: int, gid: int, as_owner: bool, timeout: float
-) -> bool | None:
-    """Whether the FUSE daemon behind a mount is gone (ENOTCONN); None: no answer.
+def connection_is_dead(probe_fd: int, uid: int, gid: int, as_owner: bool) -> bool:
+    """Whether the FUSE daemon behind a mount is gone (ENOTCONN). Blocks; closes probe_fd.
 
     A statfs on a dead connection fails at once with ENOTCONN. On a live one
-    it is a request to the daemon, so it runs in a throw-away thread that we
-    stop waiting for after `timeout` (None: hung, or just slow). Without
-    allow_other the kernel answers only the mount owner, so the thread first
-    takes the owner's uid/gid (the thread's own credentials, not the process's).
+    it is a request to the daemon, which may never answer: run this only in a
+    thread of its own (csi_async.broker.fuse_waits), on a duplicate of the
+    mount fd, so that closing the original cannot leave the thread holding a
+    recycled fd number. Without allow_other the kernel answers only the mount
+    owner, so the thread first takes the owner's uid/gid (the thread's own
+    credentials, not the process's).
     """
-    outcome: list[bool] = []
-    # The thread gets its own duplicate: if it outlives the timeout, closing
-    # mount_fd later cannot leave it holding a recycled fd number.
-    probe_fd = os.dup(mount_fd)
-
-    def probe() -> None:
-        try:
-            if as_owner:
-                sc.thread_setresids(uid, gid)
-            os.fstatvfs(probe_fd)
-            outcome.append(False)
-        except OSError as err:
-            outcome.append(err.errno in (errno.ENOTCONN, errno.ECONNABORTED))
-        finally:
-            os.close(probe_fd)
-
-    thread = threading.Thread(target=probe, name="fuse-liveness-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return outcome[0] if outcome else None
+    try:
+        if as_owner:
+            sc.thread_setresids(uid, gid)
+        os.fstatvfs(probe_fd)
+    except OSError as err:
+        return err.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    finally:
+        os.close(probe_fd)
+    return False
 
 
 class _FuseControl:
