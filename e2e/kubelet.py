@@ -15,7 +15,16 @@ plugin (pkg/volume/csi, see docs in /work/shared/reference/csi-and-kubelet.md §
   manager's reconciler, within a bounded total time;
 * TearDown: NodeUnpublishVolume(volume id, target path), then removeMountDir:
   only if `mount` is no longer a mount point (from mountinfo; kubelet never
-  stats into it) are `mount` (rmdir), vol_data.json and the volume dir removed.
+  stats into it) are `mount` (rmdir), vol_data.json and the volume dir removed;
+* a pod's volumes (publish_volumes) are set up the way the volume manager's
+  reconciler does it: one goroutine per volume, all at once, started in a
+  random order (a real kubelet v1.36 sent the socket volume first for one pod
+  and the FUSE volume first for the next), each retried on failure with the
+  operation executor's exponential backoff (500 ms doubling, capped at
+  2 min 2 s), final errors included, until the pod's volume wait gives up.
+
+Containers and pods (init containers, native sidecars, restarts, the
+runtime's bind mounts) are in e2e.pods and e2e.sandbox.
 """
 
 from __future__ import annotations
@@ -24,10 +33,13 @@ import errno
 import hashlib
 import json
 import os
+import random
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -117,6 +129,15 @@ class PublishedVolume:
     request: NodePublishVolumeRequest
 
 
+@dataclass(frozen=True)
+class VolumeRequest:
+    """One CSI volume of a pod spec: volumes[].csi (name, volumeAttributes, readOnly)."""
+
+    name: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    readonly: bool = False
+
+
 def escape_qualified_name(name: str) -> str:
     """kubelet's utilstrings.EscapeQualifiedName."""
     return name.replace("/", "~")
@@ -164,6 +185,8 @@ class KubeletEmulator:
         # any were sent; tests only.
         self.calls: list[tuple[str, betterproto2.Message]] = []
         self._client = CsiClient(csi_endpoint, rpc_timeout)
+        # The order in which publish_volumes starts its goroutines.
+        self.rng = random.Random()
 
     # ---------------------------------------------------------------- paths
 
@@ -345,11 +368,13 @@ class KubeletEmulator:
         *,
         fs_group: int | None = None,
         secrets: Mapping[str, str] | None = None,
+        retries: bool = True,
     ) -> PublishedVolume:
         """Mount an inline CSI volume for `pod` (kubelet's csiMountMgr.SetUpAt, with retries).
 
         Raises CsiError on a final error (after removing the mount dir, as
         kubelet does) or when non-final errors outlast `retry_timeout`.
+        Without `retries`, a single SetUpAt.
         """
         target = self.target_path(pod, volume_name)
 
@@ -376,7 +401,83 @@ class KubeletEmulator:
                 raise
             return PublishedVolume(pod, volume_name, request.volume_id, target, request)
 
-        return self._with_retries(attempt)
+        return self._with_retries(attempt) if retries else attempt()
+
+    def publish_volumes(
+        self,
+        pod: Pod,
+        volumes: Sequence[VolumeRequest],
+        *,
+        timeout: float | None = None,
+        retry_final: bool = True,
+        on_published: Callable[[PublishedVolume], None] | None = None,
+        before: Mapping[str, Callable[[], object]] | None = None,
+    ) -> dict[str, PublishedVolume]:
+        """Set up all of a pod's volumes at once, as the volume manager does.
+
+        One thread per volume, started in a random order (self.rng); each
+        retries its SetUpAt with exponential backoff (backoff_initial,
+        doubling, capped at backoff_max) for up to `timeout` seconds
+        (retry_timeout by default): non-final errors always, final ones with
+        `retry_final` (the reconciler retries those too). `before` maps other
+        volume names (emptyDirs) to their SetUp, run in the same random mix.
+        `on_published` is called for each volume as it succeeds. Returns the
+        published volumes by name; raises the first error, in spec order, of
+        any volume that never succeeded, after every thread has finished.
+        """
+        timeout = self.retry_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        published: dict[str, PublishedVolume] = {}
+        errors: dict[str, BaseException] = {}
+        lock = threading.Lock()
+
+        def set_up(volume: VolumeRequest) -> None:
+            delay = self.backoff_initial
+            while True:
+                try:
+                    result = self.publish(
+                        pod, volume.name, volume.attributes, volume.readonly, retries=False
+                    )
+                except CsiError as e:
+                    if (e.final and not retry_final) or time.monotonic() + delay > deadline:
+                        with lock:
+                            errors[volume.name] = e
+                        return
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                except BaseException as e:
+                    with lock:
+                        errors[volume.name] = e
+                    return
+                with lock:
+                    published[volume.name] = result
+                if on_published is not None:
+                    on_published(result)
+                return
+
+        def run_other(name: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except BaseException as e:
+                with lock:
+                    errors[name] = e
+
+        jobs: list[tuple[str, Callable[[], None]]] = [(v.name, partial(set_up, v)) for v in volumes]
+        jobs += [(name, partial(run_other, name, fn)) for name, fn in (before or {}).items()]
+        self.rng.shuffle(jobs)
+        threads = [
+            threading.Thread(target=job, name=f"volume-{name}", daemon=True) for name, job in jobs
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        order = [*(v.name for v in volumes), *(before or {})]
+        for name in order:
+            if name in errors:
+                raise errors[name]
+        return published
 
     def unpublish(self, pod: Pod, volume_name: str, *, strict: bool = True) -> bool:
         """Unmount an inline CSI volume (csiMountMgr.TearDownAt + removeMountDir).

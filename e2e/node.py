@@ -6,13 +6,32 @@ with Node(workdir, zipapp) as node:
     with node.sandbox(volume.binds("/run/data")) as sandbox:
         sandbox.spawn(["hello", "-f", "/run/data"])
         node.wait_mounted(volume.target)
+
+or a whole pod, its volumes set up concurrently and its containers run by a
+pod worker as kubelet does (e2e.pods):
+
+    fuse = fuse_volume_spec("data")
+    spec = PodSpec(
+        init_containers=[ContainerSpec("fuse", ["hello", "-f", "/run/data"],
+                         fuse.fuse_container_mounts("/run/data"), restart_policy="Always",
+                         startup_probe=fuse_startup_probe("/run/data"))],
+        containers=[ContainerSpec("app", ["sleep", "600"], [fuse.consumer_mount("/run/data")])],
+        volumes=fuse.volumes)
+    running = node.run_pod(pod, spec)
+    running.wait_running()
+
+Every container (node.sandbox or a pod's) is set up without a copy of the
+kubelet root: a runc container has pivot_root'ed away from the host's mounts.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,14 +40,22 @@ from csi_async.config import DEFAULT_DRIVER_NAME
 from csi_async.mount.mountinfo import MountEntry, mounts_at
 from e2e.driver import DriverProcess
 from e2e.hostenv import KubeletRoot
-from e2e.kubelet import KubeletEmulator, Pod
+from e2e.kubelet import KubeletEmulator, Pod, PublishedVolume, VolumeRequest
 from e2e.podcgroup import cgroup2_root, pod_cgroup, remove_pod_cgroups
+from e2e.pods import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    META_FUSE_SOCKET_ENV,
+    NATIVE_SOCKET_DIR,
+    RELIST_PERIOD,
+    CsiVolume,
+    EmptyDirVolume,
+    PodSpec,
+    RunningPod,
+)
 from e2e.sandbox import Container, PodSandbox
 
-# Where the native-mode socket directory is mounted in FUSE containers; the
-# zipapp's default socket path (/run/csi-async/fuse.sock) is inside it.
-NATIVE_SOCKET_DIR = "/run/csi-async"
-META_FUSE_SOCKET_ENV = "FUSERMOUNT3PROXY_FDPASSING_SOCKPATH"
+__all__ = ["META_FUSE_SOCKET_ENV", "NATIVE_SOCKET_DIR", "FuseVolume", "Node"]
 
 
 @dataclass
@@ -73,8 +100,10 @@ class Node:
         self.driver: DriverProcess
         self.kubelet: KubeletEmulator
         self._published: list[tuple[Pod, str]] = []
+        self._published_lock = threading.Lock()
         self._pod_uids: set[str] = set()
         self._sandboxes: list[PodSandbox] = []
+        self._pods: list[RunningPod] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -103,6 +132,8 @@ class Node:
     ) -> None:
         leftovers: list[str] = []
         try:
+            for running in list(self._pods):
+                running.delete()
             for sandbox in self._sandboxes:
                 sandbox.kill_all()
             for pod, name in reversed(self._published):
@@ -121,8 +152,22 @@ class Node:
     def publish(self, pod: Pod, name: str, attributes: dict[str, str] | None = None,
                 readonly: bool = False) -> Path:  # fmt: skip
         published = self.kubelet.publish(pod, name, attributes or {}, readonly)
-        self._published.append((pod, name))
+        self._record(published)
         return published.target_path
+
+    def _record(self, published: PublishedVolume) -> None:
+        with self._published_lock:
+            self._published.append((published.pod, published.volume_name))
+
+    def publish_all(self, pod: Pod, volumes: list[VolumeRequest]) -> dict[str, Path]:
+        """Publish several volumes of a pod at once, in a random order, as kubelet does.
+
+        Like publish(): final errors are raised, non-final ones retried.
+        """
+        published = self.kubelet.publish_volumes(
+            pod, volumes, retry_final=False, on_published=self._record
+        )
+        return {name: p.target_path for name, p in published.items()}
 
     def unpublish(self, pod: Pod, name: str) -> None:
         self.kubelet.unpublish(pod, name)
@@ -145,8 +190,11 @@ class Node:
         """
         attrs = dict(attributes or {})
         if mode == "native":
-            target = self.publish(pod, name, attrs, readonly)
-            socket_dir = self.publish(pod, f"{name}-broker", {"socketFor": name}, readonly=True)
+            paths = self.publish_all(pod, [
+                VolumeRequest(name, attrs, readonly),
+                VolumeRequest(f"{name}-broker", {"socketFor": name}, readonly=True),
+            ])  # fmt: skip
+            target, socket_dir = paths[name], paths[f"{name}-broker"]
             return FuseVolume(
                 pod, name, target, {NATIVE_SOCKET_DIR: socket_dir},
                 companion_volumes=[f"{name}-broker"],
@@ -164,9 +212,12 @@ class Node:
             )  # fmt: skip
         raise ValueError(f"unknown mode {mode!r}")
 
+    def empty_dir_path(self, pod: Pod, name: str) -> Path:
+        return self.kubelet.pod_dir(pod) / "volumes" / "kubernetes.io~empty-dir" / name
+
     def make_empty_dir(self, pod: Pod, name: str) -> Path:
         """An emptyDir volume as kubelet creates it (mode 0777)."""
-        path = self.kubelet.pod_dir(pod) / "volumes" / "kubernetes.io~empty-dir" / name
+        path = self.empty_dir_path(pod, name)
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(0o777)
         return path
@@ -174,14 +225,64 @@ class Node:
     # ---------------------------------------------------------------- pods
 
     def sandbox(self, binds: dict[str, Path], **kwargs: Any) -> PodSandbox:
-        """A container of the pod whose volumes it binds (it joins that pod's cgroup)."""
+        """A container of the pod whose volumes it binds (it joins that pod's cgroup).
+
+        Its binds are HostToContainer unless `propagation` says otherwise.
+        """
         pod_uid = self._pod_of(binds)
         if pod_uid is not None and self.pod_cgroups:
             kwargs.setdefault("cgroup_procs", str(pod_cgroup(pod_uid)))
             self._pod_uids.add(pod_uid)
+        kwargs.setdefault("hide_host_paths", [self.root.path])
         sandbox = PodSandbox({**self.shared_binds, **binds}, self.zipapp, **kwargs)
         self._sandboxes.append(sandbox)
         return sandbox
+
+    def run_pod(
+        self,
+        pod: Pod,
+        spec: PodSpec,
+        *,
+        volume_timeout: float = 60.0,
+        relist_period: float = RELIST_PERIOD,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> RunningPod:
+        """Start a pod as kubelet does: its volumes (all at once, random order,
+        failures retried for up to volume_timeout), then its pod worker."""
+        self._pod_uids.add(pod.uid)
+        cgroup_procs = str(pod_cgroup(pod.uid)) if self.pod_cgroups else ""
+        csi = [
+            VolumeRequest(name, dict(v.volume_attributes), v.read_only)
+            for name, v in spec.volumes.items() if isinstance(v, CsiVolume)
+        ]  # fmt: skip
+        empty_dirs = [name for name, v in spec.volumes.items() if isinstance(v, EmptyDirVolume)]
+        self.kubelet.publish_volumes(
+            pod, csi, timeout=volume_timeout, retry_final=True, on_published=self._record,
+            before={name: partial(self.make_empty_dir, pod, name) for name in empty_dirs},
+        )  # fmt: skip
+        paths = {v.name: self.kubelet.target_path(pod, v.name) for v in csi}
+        paths |= {name: self.empty_dir_path(pod, name) for name in empty_dirs}
+        running = RunningPod(
+            pod, spec, paths, self.zipapp,
+            log_dir=self.workdir / "pod-logs" / f"{pod.namespace}_{pod.name}_{pod.uid}",
+            image_mounts=self.shared_binds, hide_host_paths=[self.root.path],
+            cgroup_procs=cgroup_procs, relist_period=relist_period,
+            backoff_initial=backoff_initial, backoff_max=backoff_max,
+        )  # fmt: skip
+        self._pods.append(running)
+        return running.start()
+
+    def delete_pod(self, running: RunningPod, grace: float | None = None) -> None:
+        """Delete a pod: stop its containers, then tear its volumes down."""
+        running.delete(grace)
+        self._pods.remove(running)
+        pod = running.pod
+        for name, volume in running.spec.volumes.items():
+            if isinstance(volume, CsiVolume) and (pod, name) in self._published:
+                self.unpublish(pod, name)
+            elif isinstance(volume, EmptyDirVolume):
+                shutil.rmtree(self.empty_dir_path(pod, name), ignore_errors=True)
 
     def _pod_of(self, binds: dict[str, Path]) -> str | None:
         pods = self.root.path / "pods"

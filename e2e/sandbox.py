@@ -4,9 +4,26 @@ A container is `unshare --mount --propagation slave --pid --fork --kill-child
 --mount-proc --ipc` running `e2e/sandbox_init.py`, which builds the container's
 view and then execs the program as an unprivileged user:
 
-* mount namespace whose mounts are slaves of the host's: mounts that appear
-  later in the (shared) kubelet root propagate in, like a volumeMount with
-  `mountPropagation: HostToContainer`; nothing propagates back out;
+* a mount namespace copied from the host's with every mount made a slave
+  (runc's prepareRoot makes "/" rslave the same way); nothing propagates
+  back out;
+* volume binds made when the container starts, as containerd (CRI
+  WithMounts) and runc (mountToRootfs, mountPropagate) make them: an rbind of
+  the host path, then `rprivate` (mountPropagation None, Kubernetes' default)
+  or `rslave` (HostToContainer), then a read-only remount if asked. The
+  source resolves to the topmost mount at that moment, so a container started
+  after a FUSE mount holds a copy of that FUSE mount (with no propagation tie
+  under None), and one started before holds a bind of the plain directory,
+  which sees later mounts only with HostToContainer;
+* before that, the runtime's own checks on the host (containerd's WithMounts):
+  a stat of every bind source, which fails the creation on anything but
+  ENOENT ("failed to stat ...: transport endpoint is not connected" for a
+  dead FUSE mount) and creates a missing one; and for HostToContainer, that
+  the mount holding the source is shared or a slave (ensureSharedOrSlave).
+  The failure is a `ContainerCreateError`, raised before anything runs;
+* host paths given as `hide_host_paths` (the kubelet root) detached from the
+  container's view once its binds are made: a runc container has
+  pivot_root'ed away from the host's mount tree;
 * PID namespace with its own /proc; the program is PID 1, as in a pod;
 * IPC namespace and a private /dev: tmpfs with null, zero, full, random,
   urandom and tty bound from the host, /dev/shm, the /dev/fd symlinks, and
@@ -24,6 +41,11 @@ view and then execs the program as an unprivileged user:
 * then: setgroups([]), uid/gid (default 65534), empty capability sets
   including the bounding and ambient sets, no_new_privs, exec.
 
+`binds` and `ro_binds` are made with the `propagation` given to PodSandbox,
+HostToContainer unless told otherwise (what the existing callers assume);
+`mounts` (CRI mounts, as kubelet's makeMounts builds them, see e2e.pods)
+carry their own, None by default as in a pod spec.
+
 The rest of the host filesystem stays visible, read/write as far as uid
 65534's permissions go: this is isolation for realism, not for security. In
 particular /root is mode 0700 here, so the project's venv Python
@@ -40,19 +62,24 @@ which makes the kernel kill everything else in the PID namespace.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from csi_async.mount.mountinfo import MountEntry, read_mountinfo
 from e2e import sandbox_init
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -64,12 +91,87 @@ FUSERMOUNT_PATHS = (
     "/bin/fusermount",
 )
 NOBODY = 65534
+# How long spawn() waits for a container to be set up before returning anyway.
+READY_TIMEOUT = 30.0
 SANDBOX_INIT = Path(sandbox_init.__file__).resolve()
 
 # Exit statuses of a container that never got to exec its program.
 EXIT_SETUP_FAILED = sandbox_init.EXIT_SETUP_FAILED
 EXIT_NOT_EXECUTABLE = sandbox_init.EXIT_NOT_EXECUTABLE
 EXIT_NOT_FOUND = sandbox_init.EXIT_NOT_FOUND
+
+# volumeMounts[].mountPropagation values, and the runc options containerd
+# turns them into (kubelet's translateMountPropagation maps an unset field
+# and "None" to PROPAGATION_PRIVATE). Bidirectional needs a privileged
+# container and a shared source; this emulator does not model it.
+NONE = "None"
+HOST_TO_CONTAINER = "HostToContainer"
+RUNC_PROPAGATION = {NONE: sandbox_init.RPRIVATE, HOST_TO_CONTAINER: sandbox_init.RSLAVE}
+
+
+def runc_propagation(mount_propagation: str | None) -> str:
+    """The OCI mount option for a volumeMount's mountPropagation (None when unset)."""
+    try:
+        return RUNC_PROPAGATION[mount_propagation or NONE]
+    except KeyError:
+        raise ValueError(
+            f"mountPropagation {mount_propagation!r} is not modelled (None or HostToContainer)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A CRI Mount (runtime.v1.Mount) as kubelet's makeMounts hands it to the runtime."""
+
+    container_path: str
+    host_path: Path | str
+    readonly: bool = False
+    # mountPropagation of the volumeMount: None (the default) or HostToContainer.
+    propagation: str = NONE
+
+
+class ContainerCreateError(Exception):
+    """The runtime refused to create the container (kubelet: CreateContainerError).
+
+    The message is containerd's; `errno` is set when a syscall failed (the
+    stat of a bind source).
+    """
+
+    def __init__(self, message: str, err: int = 0, path: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = err
+        self.path = path
+
+
+def _wait_readable(fd: int, timeout: float) -> None:
+    """Until fd has data or EOF (the writer closed it), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            return
+
+
+def _go_strerror(err: int) -> str:
+    # Go's syscall error strings are the C ones, lower-cased.
+    text = os.strerror(err)
+    return text[:1].lower() + text[1:]
+
+
+def _mount_holding(path: str, table: list[MountEntry]) -> MountEntry | None:
+    """containerd's LookupMount: the mount whose mount point is the longest prefix of path."""
+    best: MountEntry | None = None
+    for entry in table:
+        point = entry.mount_point
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
+            best is None or len(point) >= len(best.mount_point)
+        ):
+            best = entry
+    return best
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -109,6 +211,8 @@ def pids_in_pidns(ns: tuple[int, int]) -> list[int]:
 class Container(subprocess.Popen[Any]):
     """A container: the Popen is `unshare`, whose only child is the container's PID 1."""
 
+    # The runtime's id for it (64 hex digits, as containerd's).
+    container_id: str = ""
     _init_pid: int | None = None
     _pidns: tuple[int, int] | None = None
     # Held open so the namespace's inode number cannot be handed to a newer
@@ -225,7 +329,8 @@ class PodSandbox:
     """A pod: containers sharing one set of binds, user and environment.
 
     Each `spawn` is a separate container (own mount and PID namespace), like
-    the containers of a pod without shareProcessNamespace.
+    the containers of a pod without shareProcessNamespace, and makes its
+    binds afresh, as a container runtime does for each container it creates.
     """
 
     def __init__(
@@ -237,13 +342,19 @@ class PodSandbox:
         env: Mapping[str, str] | None = None,
         *,
         ro_binds: Mapping[str, Path | str] | None = None,
+        mounts: Sequence[Mount] = (),
+        propagation: str = HOST_TO_CONTAINER,
+        hide_host_paths: Sequence[Path | str] = (),
         tmpfs: Sequence[str] = DEFAULT_TMPFS,
         cwd: str = "/",
         umask: int = 0o022,
         die_with_parent: bool = False,
         cgroup_procs: str = "",
     ) -> None:
-        """`die_with_parent` SIGKILLs a container when the *thread* that spawned
+        """`binds`/`ro_binds` use `propagation` (HostToContainer by default);
+        `mounts` carry their own (None by default, as in a pod spec).
+
+        `die_with_parent` SIGKILLs a container when the *thread* that spawned
         it exits (prctl PR_SET_PDEATHSIG via setpriv), so a test runner that is
         itself SIGKILLed leaves no containers; do not use it when spawning from
         short-lived threads.
@@ -257,17 +368,50 @@ class PodSandbox:
         self.env = {"PATH": DEFAULT_PATH, "HOME": "/", "LANG": "C.UTF-8", **(env or {})}
         self.zipapp = Path(zipapp).resolve()
         self._check_zipapp()
+        self.hide = [os.path.realpath(p) for p in hide_host_paths]
         self.binds: list[sandbox_init.BindSpec] = []
-        for items, readonly in ((binds or {}, False), (ro_binds or {}, True)):
-            for dst, src in items.items():
-                host = Path(src).resolve()
-                if not os.path.lexists(host):
-                    raise FileNotFoundError(f"bind source {host} does not exist")
-                self.binds.append(
-                    {"dst": self._container_path(dst), "src": str(host), "readonly": readonly}
+        # The CRI mounts: a missing source is created, a HostToContainer
+        # source must be on a shared or slave mount (check_mounts).
+        self.mounts: list[Mount] = []
+        self._cri_sources: set[str] = set()
+        runc_propagation(propagation)  # validate it
+        requested = [
+            *((Mount(dst, src, False, propagation), False) for dst, src in (binds or {}).items()),
+            *((Mount(dst, src, True, propagation), False) for dst, src in (ro_binds or {}).items()),
+            *((mount, True) for mount in mounts),
+        ]
+        for mount, is_cri in requested:
+            host = Path(mount.host_path).resolve()
+            # Only ENOENT means missing (a dead FUSE mount fails lstat with
+            # ENOTCONN: check_mounts reports that when the container is
+            # created). A missing CRI mount source is created then, as
+            # containerd does; a missing bind is the caller's mistake.
+            try:
+                os.lstat(host)
+            except FileNotFoundError:
+                if not is_cri:
+                    raise FileNotFoundError(f"bind source {host} does not exist") from None
+            except OSError:
+                pass
+            if is_cri:
+                self.mounts.append(
+                    Mount(mount.container_path, host, mount.readonly, mount.propagation)
                 )
+                self._cri_sources.add(str(host))
+            self.binds.append(
+                {
+                    "dst": self._container_path(mount.container_path),
+                    "src": str(host),
+                    "readonly": mount.readonly,
+                    "propagation": runc_propagation(mount.propagation),
+                }
+            )
         for target in self._fusermount_targets():
-            self.binds.append({"dst": target, "src": str(self.zipapp), "readonly": True})
+            # Part of the image, not a volume.
+            self.binds.append(
+                {"dst": target, "src": str(self.zipapp), "readonly": True,
+                 "propagation": sandbox_init.RPRIVATE}
+            )  # fmt: skip
         unshare = shutil.which("unshare")
         if unshare is None:
             raise FileNotFoundError("unshare (util-linux) is not installed")
@@ -312,7 +456,7 @@ class PodSandbox:
             raise FileNotFoundError("no fusermount3 on the host to bind the zipapp over")
         return targets
 
-    def spec(self, argv: Sequence[str]) -> sandbox_init.Spec:
+    def spec(self, argv: Sequence[str], ready_fd: int = -1) -> sandbox_init.Spec:
         if not argv:
             raise ValueError("empty argv")
         return {
@@ -325,9 +469,57 @@ class PodSandbox:
             "tmpfs": list(self.tmpfs),
             "binds": list(self.binds),
             "cgroup_procs": self.cgroup_procs,
+            "hide": list(self.hide),
+            "ready_fd": ready_fd,
         }
 
-    def command(self, argv: Sequence[str]) -> list[str]:
+    def check_mounts(self, container_id: str = "") -> None:
+        """What containerd's WithMounts does on the host before the container exists.
+
+        Every bind source is stat()ed (following symlinks, as os.Stat does);
+        any error but ENOENT fails the creation. A missing CRI mount source is
+        created (MkdirAll 0755); a missing plain bind is left for the
+        container's setup to report (exit 125). A HostToContainer source must
+        sit on a shared or slave mount. Raises ContainerCreateError with
+        containerd's message.
+        """
+        container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
+        prefix = f'failed to generate container "{container_id}" spec: failed to generate spec: '
+        for bind in self.binds:
+            src = bind["src"]
+            try:
+                os.stat(src)
+            except FileNotFoundError:
+                if src not in self._cri_sources:
+                    continue
+                try:
+                    os.makedirs(src, 0o755, exist_ok=True)
+                except OSError as e:
+                    raise ContainerCreateError(
+                        f'{prefix}failed to mkdir "{src}": mkdir {src}: '
+                        f"{_go_strerror(e.errno or errno.EIO)}",
+                        e.errno or errno.EIO, src,
+                    ) from None  # fmt: skip
+            except OSError as e:
+                err = e.errno or errno.EIO
+                raise ContainerCreateError(
+                    f'{prefix}failed to stat "{src}": stat {src}: {_go_strerror(err)}', err, src
+                ) from None
+        table: list[MountEntry] | None = None
+        for mount in self.mounts:
+            if mount.propagation != HOST_TO_CONTAINER:
+                continue
+            table = table if table is not None else read_mountinfo()
+            src = str(mount.host_path)
+            holder = _mount_holding(src, table)
+            if holder is None or not (holder.shared or holder.slave):
+                where = holder.mount_point if holder is not None else "?"
+                raise ContainerCreateError(
+                    f'{prefix}path "{src}" is mounted on "{where}" but it is not a shared '
+                    "or slave mount", 0, src,
+                )  # fmt: skip
+
+    def command(self, argv: Sequence[str], ready_fd: int = -1) -> list[str]:
         """The host command line that runs `argv` in a new container."""
         prefix = [] if self._setpriv is None else [self._setpriv, "--pdeathsig", "KILL", "--"]
         return [
@@ -345,22 +537,47 @@ class PodSandbox:
             "-I",
             "-S",
             str(SANDBOX_INIT),
-            json.dumps(self.spec(argv)),
+            json.dumps(self.spec(argv, ready_fd)),
         ]
 
-    def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> Container:
-        """Start a container. Takes subprocess.Popen's keyword arguments except env."""
+    def spawn(
+        self, argv: Sequence[str], *, container_id: str = "", **popen_kwargs: Any
+    ) -> Container:
+        """Create and start a container: the runtime's checks (check_mounts, which
+        raises ContainerCreateError), then the container, whose binds are
+        resolved as it starts. Takes subprocess.Popen's keyword arguments
+        except env."""
         if "env" in popen_kwargs:
             raise TypeError("pass the container environment to PodSandbox(env=...)")
-        container = Container(
-            self.command(argv),
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-            **popen_kwargs,
-        )
+        if not argv:
+            raise ValueError("empty argv")
+        container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
+        self.check_mounts(container_id)
+        ready_r, ready_w = os.pipe()
+        try:
+            pass_fds = (*popen_kwargs.pop("pass_fds", ()), ready_w)
+            container = Container(
+                self.command(argv, ready_w),
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                pass_fds=pass_fds,
+                **popen_kwargs,
+            )
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        container.container_id = container_id
         self.containers.append(container)
-        # Learn PID 1 (and so the PID namespace) now, while `unshare` is
-        # certainly alive, so that cleanup can always verify it emptied.
-        container.init_pid()
+        try:
+            # Learn PID 1 (and so the PID namespace) now, while `unshare` is
+            # certainly alive, so that cleanup can always verify it emptied.
+            container.init_pid()
+            # Like the runtime's StartContainer, return once the container's
+            # mounts are made (or its setup failed: it then exits 125).
+            _wait_readable(ready_r, READY_TIMEOUT)
+        finally:
+            os.close(ready_r)
         return container
 
     def run(

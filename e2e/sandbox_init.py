@@ -6,9 +6,23 @@
         <python> -I -S e2e/sandbox_init.py <json spec>
 
 so it starts as root, as PID 1 of a fresh PID namespace, in a mount namespace
-whose mounts are all slaves of (or private copies of) the host's. It is run as
-a plain script in isolated mode, so it must stay standard-library only and
-import nothing from this package. `e2e.hostenv` reuses its syscall wrappers.
+whose mounts are all slaves of (or private copies of) the host's: runc's
+prepareRoot, which makes "/" rslave before it sets up the container's mounts.
+It is run as a plain script in isolated mode, so it must stay standard-library
+only and import nothing from this package. `e2e.hostenv` reuses its syscall
+wrappers.
+
+Each volume bind is made as runc's mountToRootfs makes a "bind" mount from the
+OCI spec containerd's WithMounts writes: mount(source, dest, MS_BIND|MS_REC),
+then the propagation option (rprivate for mountPropagation None, rslave for
+HostToContainer) applied with MS_REC, then a remount for "ro". The source is
+resolved here, when the container starts: a path with a FUSE mount on it gives
+a bind of that FUSE mount itself.
+
+Host paths listed in `hide` (the kubelet root) are detached from the
+container's mount namespace once the binds are made: a runc container has
+pivot_root'ed away from the host's mount tree, so it holds no copy of the
+kubelet root or of other pods' mounts, only its own binds.
 
 Exit status when the program could not be started: 125 (setup failed), 126
 (found but not executable), 127 (not found) — the same convention as
@@ -65,10 +79,18 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 
 
+# runc's propagation options (the OCI mount options containerd writes).
+RPRIVATE = "rprivate"
+RSLAVE = "rslave"
+PROPAGATION_FLAGS = {RPRIVATE: MS_REC | MS_PRIVATE, RSLAVE: MS_REC | MS_SLAVE}
+
+
 class BindSpec(TypedDict):
     dst: str
     src: str
     readonly: bool
+    # RPRIVATE or RSLAVE.
+    propagation: str
 
 
 class Spec(TypedDict):
@@ -83,6 +105,11 @@ class Spec(TypedDict):
     # cgroup.procs file to join before the program starts, as a container
     # of a pod runs in that pod's cgroup; "" for none.
     cgroup_procs: str
+    # Host mount points to detach from the container's view (see above).
+    hide: list[str]
+    # Written to (one byte) and closed once the container is set up, just
+    # before the exec, like runc's exec fifo; -1 for none.
+    ready_fd: int
 
 
 class SetupError(Exception):
@@ -221,6 +248,33 @@ def _bind_fd(fd: int, dst: str, recursive: bool = True) -> None:
     mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | (MS_REC if recursive else 0))
 
 
+def _set_propagation(dst: str, propagation: str) -> None:
+    """runc's mountPropagate: the propagation option, applied after the bind."""
+    try:
+        flags = PROPAGATION_FLAGS[propagation]
+    except KeyError:
+        raise SetupError(f"unknown propagation {propagation!r} for {dst}") from None
+    mount(None, dst, None, flags)
+
+
+def _open_hidden(paths: list[str]) -> list[int]:
+    """O_PATH fds of the mounts to detach later, taken before /tmp and /run are covered."""
+    mount_points = {mount_point for mount_point, _, _ in _mounts()}
+    fds = []
+    for path in paths:
+        if path in mount_points:
+            fds.append(os.open(path, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY))
+    return fds
+
+
+def _detach_hidden(fds: list[int]) -> None:
+    # Through the fd: the path itself may be covered by the tmpfs on /tmp now.
+    # The copies are slaves of the host's mounts, so nothing propagates back.
+    for fd in fds:
+        umount2(f"/proc/self/fd/{fd}", MNT_DETACH)
+        os.close(fd)
+
+
 def _setup_dev(dev_fds: dict[str, int]) -> None:
     mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m")
     for name, fd in [*dev_fds.items(), ("fuse", dev_fds["null"])]:
@@ -250,7 +304,12 @@ def setup(spec: Spec) -> None:
             fd = os.open(bind["src"], os.O_PATH | os.O_CLOEXEC)
         except OSError as e:
             raise SetupError(f"bind source {bind['src']}: {e.strerror}") from e
-        sources.append((bind, fd, stat.S_ISDIR(os.fstat(fd).st_mode)))
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        except OSError as e:
+            raise SetupError(f"bind source {bind['src']}: {e.strerror}") from e
+        sources.append((bind, fd, is_dir))
+    hidden = _open_hidden(spec.get("hide", []))
 
     private = {"/dev"}
     for target in spec["tmpfs"]:
@@ -267,11 +326,13 @@ def setup(spec: Spec) -> None:
         dst = bind["dst"]
         _ensure_mountpoint(dst, is_dir, private)
         _bind_fd(fd, dst)
+        _set_propagation(dst, bind.get("propagation", RSLAVE))
         if bind["readonly"]:
             _remount_readonly(dst)
         os.close(fd)
     for fd in dev_fds.values():
         os.close(fd)
+    _detach_hidden(hidden)
 
 
 def drop_privileges(uid: int, gid: int) -> None:
@@ -302,6 +363,15 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def _signal_ready(fd: int) -> None:
+    if fd < 0:
+        return
+    try:
+        os.write(fd, b"\0")
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: sandbox_init.py <json spec>", file=sys.stderr)
@@ -316,6 +386,7 @@ def main(argv: list[str]) -> int:
         os.umask(spec["umask"])
         os.chdir(spec["cwd"])
         _reset_signals()
+        _signal_ready(spec.get("ready_fd", -1))
     except (OSError, SetupError, KeyError, ValueError) as e:
         print(f"sandbox_init: {e}", file=sys.stderr, flush=True)
         return EXIT_SETUP_FAILED
