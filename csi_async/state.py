@@ -69,10 +69,31 @@ class VolumeRecord(BaseModel):
         )
 
 
+class MountRecord(BaseModel):
+    """A live FUSE mount a broker made, so a restarted driver manages it the same way.
+
+    The token is what the program's auto-unmount watcher (or the starter)
+    will name in its UNMOUNT; the daemons are the processes whose exit means
+    the mount may be dead, each as (pid, start time in clock ticks since
+    boot) so that a recycled pid is never mistaken for the daemon.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    target_path: str
+    token: int
+    # The FUSE superblock's device minor: the adopted mount must be this one.
+    minor: int
+    daemons: list[tuple[int, int]]
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "volumes"
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.mounts = state_dir / "mounts"
+        self.mounts.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, target_path: str) -> Path:
         return self.directory / (hashlib.sha256(target_path.encode()).hexdigest()[:32] + ".json")
@@ -91,6 +112,7 @@ class StateStore:
         self._sync_directory()
 
     def remove(self, target_path: str) -> None:
+        self.remove_mount(target_path)
         try:
             self._path(target_path).unlink()
         except FileNotFoundError:
@@ -106,9 +128,33 @@ class StateStore:
                 # A record we cannot read is left for an operator to look at,
                 # never guessed at.
                 log.error("unreadable volume record %s: %s", path, type(err).__name__)
-        for stale in self.directory.glob("*.tmp*"):
+        for stale in [*self.directory.glob("*.tmp*"), *self.mounts.glob("*.tmp*")]:
             stale.unlink(missing_ok=True)  # a write that never finished
         return records
+
+    # Mount records: written on every MOUNT and removed when the mount goes.
+    # Atomic (write, rename) but not fsynced: they only have to survive a
+    # crash of the driver process, which the page cache does; after a node
+    # crash there is no FUSE mount left to describe.
+
+    def save_mount(self, record: MountRecord) -> None:
+        path = self.mounts / self._path(record.target_path).name
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_bytes(record.model_dump_json().encode())
+        os.replace(temporary, path)
+
+    def remove_mount(self, target_path: str) -> None:
+        (self.mounts / self._path(target_path).name).unlink(missing_ok=True)
+
+    def load_mount(self, target_path: str) -> MountRecord | None:
+        path = self.mounts / self._path(target_path).name
+        try:
+            return MountRecord.model_validate(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, ValidationError) as err:
+            log.error("unreadable mount record %s: %s", path, type(err).__name__)
+            return None
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

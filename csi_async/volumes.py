@@ -359,6 +359,7 @@ class VolumeManager:
             bound=bound,
             policy=self._policy,
             limits=self._limits,
+            store=self._store,
         )
         return broker
 

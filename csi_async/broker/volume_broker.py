@@ -28,7 +28,7 @@ import anyio.abc
 import anyio.to_thread
 
 from csi_async import logs, metrics
-from csi_async.broker import framing, sockets, wire
+from csi_async.broker import consumers, framing, sockets, wire
 from csi_async.broker.audit import record
 from csi_async.broker.fuse_waits import NoSlot
 from csi_async.broker.identity import Peer, peer_of
@@ -38,6 +38,7 @@ from csi_async.mount import fuse
 from csi_async.mount import syscalls as sc
 from csi_async.mount.mountinfo import MountEntry, mounts_at
 from csi_async.mount.paths import PinnedRoot
+from csi_async.state import MountRecord, StateStore
 from fusermount3_proxy import protocol
 from fusermount3_proxy.protocol import MountRequest, UnmountRequest
 
@@ -59,6 +60,9 @@ PATIENT_PROBE_TIMEOUT = 10.0
 # same volume) or for a node-wide slot before it is told to try again.
 LOCK_WAIT = 5.0
 SLOT_WAIT = 5.0
+
+# Dead superblocks of this volume remembered for healing its consumers.
+MAX_DEAD_REMEMBERED = 4
 
 # Reported when the peer could not be looked up at all.
 _UNKNOWN_PEER = Peer(0, -1, -1)
@@ -142,8 +146,15 @@ class VolumeBroker:
         bound: sockets.BoundSocket,
         policy: NodePolicy,
         limits: BrokerLimits,
+        store: StateStore,
     ) -> None:
         self.target = target
+        self._store = store
+        # Daemons of an adopted mount, from its record: (pid, start time).
+        self._adopted_daemons: list[tuple[int, int]] = []
+        # Device minors of this volume's mounts whose daemon died: their
+        # copies in the pod's other containers are swapped for the next mount.
+        self._dead_minors: list[int] = []
         self._limits = limits
         self._waits = limits.fuse_waits
         self._connections = 0
@@ -164,9 +175,14 @@ class VolumeBroker:
         """Take charge of a FUSE mount made before a driver restart.
 
         It is pinned through the target's parent (no stat of the FUSE root);
-        its owner comes from the kernel's mount options. Its daemon's process
-        is unknown now, so only a later MOUNT or unpublish cleans it if dead.
+        its owner comes from the kernel's mount options. Its mount record (if
+        it is this very superblock) gives back the token the program's
+        watcher knows and the daemons to watch again once serving starts.
+        Blocking: run it off the loop.
         """
+        saved = self._store.load_mount(self.target.absolute)
+        if saved is not None and saved.minor != entry.minor:
+            saved = None  # a record of an earlier mount on this target
         parent, _, name = self.target.relative.rpartition("/")
         parent_fd = self._root.open_dir(parent)
         try:
@@ -174,9 +190,10 @@ class VolumeBroker:
         finally:
             os.close(parent_fd)
         owner = dict(o.partition("=")[::2] for o in entry.super_options if "=" in o)
+        self._adopted_daemons = list(saved.daemons) if saved is not None else []
         self._active = ActiveMount(
             mount_fd,
-            next(_mount_tokens),
+            saved.token if saved is not None else next(_mount_tokens),
             entry.mount_id,
             entry.minor,
             int(owner.get("user_id", "0")),
@@ -196,6 +213,10 @@ class VolumeBroker:
                 task_status.started()
                 async with anyio.create_task_group() as tg:
                     self._tasks = tg
+                    if self._active is not None and self._active.watch is None:
+                        # Adopted after a restart: watched like one we made.
+                        self._active.watch = anyio.CancelScope()
+                        tg.start_soon(self._watch_adopted, self._active, self._adopted_daemons)
                     while True:
                         await anyio.wait_readable(self._bound.sock)
                         try:
@@ -418,13 +439,24 @@ class VolumeBroker:
             made = await _blocking(lambda: self._mount_on_target(spec))
         finally:
             self._limits.node_wide.release()
-        delivered = False
+        delivered = recorded = False
         pidfds: list[int] = []
         try:
             token = next(_mount_tokens)
             # Taken while the helper still waits for our answer: once answered
             # it may exit and be reaped before a watcher could open its pid.
-            pidfds = _pidfds_of(peer.pid)
+            daemons = _daemons_of(peer.pid)
+            pidfds = [fd for fd, _, _ in daemons]
+            # Recorded before the program hears of the mount: a driver that
+            # crashes from here on still knows the token and the daemons.
+            record = MountRecord(
+                target_path=self.target.absolute,
+                token=token,
+                minor=made.minor,
+                daemons=[(pid, start) for _, pid, start in daemons],
+            )
+            await _blocking(lambda: self._store.save_mount(record))
+            recorded = True
             frame = wire.response_frame(ok=True, mount_id=token)
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
             watch = anyio.CancelScope()
@@ -436,6 +468,8 @@ class VolumeBroker:
             if self._tasks is not None:
                 self._tasks.start_soon(self._watch_daemon, token, pidfds, watch)
                 pidfds = []
+                if self._dead_minors:
+                    self._tasks.start_soon(self._heal_consumers, self._active)
         finally:
             # On any failure (the peer went away, a cancellation by unpublish or
             # shutdown, a bug) the program never got the fd: a mount nobody
@@ -446,6 +480,8 @@ class VolumeBroker:
                     os.close(fd)
                 if not delivered:
                     try:
+                        if recorded:
+                            await _blocking(lambda: self._store.remove_mount(self.target.absolute))
                         await _blocking(lambda: fuse.detach_mount_quietly(made.mount_fd))
                     finally:
                         self._close_later(made.mount_fd)
@@ -521,12 +557,18 @@ class VolumeBroker:
 
         With abort, the FUSE connection is aborted first, so that processes
         stuck on a hung daemon get an error instead of waiting forever.
+        The pod's other containers may hold copies of it, dead or soon dead
+        (its daemon exits after an unmount): the next mount swaps them for
+        clones of itself (see _heal_consumers).
         """
         if active.watch is not None:
             active.watch.cancel()
         self._active = None
         metrics.LIVE_MOUNTS.dec()
+        if not abort:
+            self._dead_minors = [*self._dead_minors, active.minor][-MAX_DEAD_REMEMBERED:]
         with anyio.CancelScope(shield=True):
+            await _blocking(lambda: self._store.remove_mount(self.target.absolute))
             if abort:
                 await _blocking(lambda: fuse.abort_connection(active.minor))
             try:
@@ -563,6 +605,63 @@ class VolumeBroker:
             # Losing the watch only delays cleanup to the next MOUNT or the
             # unpublish; it must not take the driver down.
             log.error("watching a FUSE daemon failed", exc_info=True)
+
+    async def _watch_adopted(self, active: ActiveMount, daemons: list[tuple[int, int]]) -> None:
+        """Watch a mount adopted after a restart as if this driver had made it.
+
+        Its recorded daemons are opened again by pid and start time (a
+        recycled pid does not match); a daemon that died while the driver
+        was down, or a mount with no record, is probed at once, so a dead
+        mount is detached within moments of the driver coming back.
+        """
+        assert active.watch is not None
+        pidfds = [
+            fd for fd in (_reopen_pid(pid, start) for pid, start in daemons) if fd is not None
+        ]
+        try:
+            if len(pidfds) < len(daemons) or not daemons:
+                async with self._lock:
+                    if self._active is active and await self._probe(active, PATIENT_PROBE_TIMEOUT):
+                        active.watch = None
+                        await self._forget(active)
+                        metrics.DEAD_MOUNTS_DETACHED.inc()
+                        logs.log(
+                            log, logging.INFO, "adopted mount's FUSE daemon is gone; detached it",
+                            **self._fields(),
+                        )  # fmt: skip
+                        return
+        except BaseException:
+            for fd in pidfds:
+                os.close(fd)
+            raise
+        await self._watch_daemon(active.token, pidfds, active.watch)
+
+    async def _heal_consumers(self, live: ActiveMount) -> None:
+        """Swap the pod's copies of this volume's dead mounts for clones of `live`.
+
+        Runs in a thread of the pod's own (fuse_waits): it reads the pod's
+        processes' /proc files and waits for the swap child.
+        """
+        dead = set(self._dead_minors)
+        self._dead_minors = []
+        probe_fd = os.dup(live.mount_fd)
+        try:
+            outcome = await self._waits.call(
+                self.target.pod_uid,
+                lambda: consumers.heal(self.target.pod_uid, dead, probe_fd),
+                None,
+                name="heal",
+            )
+        except NoSlot:
+            log.warning("no thread left for this pod; its consumers keep the dead mount")
+            return
+        except Exception:
+            log.error("healing the pod's consumers failed", exc_info=True)
+            return
+        finally:
+            os.close(probe_fd)
+        for line in outcome.value or []:
+            logs.log(log, logging.INFO, f"consumer mount: {line}", **self._fields())
 
     async def _watch_daemon_until_gone(
         self, token: int, pidfds: list[int], scope: anyio.CancelScope
@@ -648,8 +747,8 @@ async def _blocking(fn: Callable[[], T]) -> T:
     return await anyio.to_thread.run_sync(fn)
 
 
-def _pidfds_of(peer_pid: int) -> list[int]:
-    """pidfds of the peer and of its parent, opened race-free.
+def _daemons_of(peer_pid: int) -> list[tuple[int, int, int]]:
+    """(pidfd, pid, start time) of the peer and of its parent, opened race-free.
 
     The parent is read after the peer's pidfd is held, and checked again
     afterwards, so a recycled pid cannot slip in. A peer in a pid namespace
@@ -661,33 +760,54 @@ def _pidfds_of(peer_pid: int) -> list[int]:
         peer_fd = os.pidfd_open(peer_pid)
     except OSError:
         return []
-    fds = [peer_fd]
+    found = [(peer_fd, peer_pid, _start_time(peer_pid) or 0)]
     parent = _parent_of(peer_pid)
     if parent is not None and parent > 1:
         try:
             parent_fd = os.pidfd_open(parent)
         except OSError:
-            return fds
+            return found
         if _parent_of(peer_pid) == parent:
-            fds.append(parent_fd)
+            found.append((parent_fd, parent, _start_time(parent) or 0))
         else:
             os.close(parent_fd)
-    return fds
+    return found
 
 
-def _parent_of(pid: int) -> int | None:
+def _reopen_pid(pid: int, start_time: int) -> int | None:
+    """A pidfd of pid if it is still the process that started at start_time."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    # Checked after the pidfd is held: from here on the pid cannot be reused.
+    if start_time == 0 or _start_time(pid) != start_time:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _stat_fields(pid: int) -> list[str]:
     # /proc/<pid>/stat takes no lock a FUSE fault could hold (unlike cmdline
     # or environ, which read the process's memory), so it is safe here.
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             stat_line = f.read()
     except OSError:
-        return None
+        return []
     # The command name may contain spaces and parentheses; fields follow the last ')'.
-    try:
-        return int(stat_line.rpartition(")")[2].split()[1])
-    except (IndexError, ValueError):
-        return None
+    return stat_line.rpartition(")")[2].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    # Field 22 (starttime), the 20th after the command name.
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
 async def _first_readable(fds: list[int]) -> int:

@@ -70,6 +70,12 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x00000040
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
+# Propagation types for mount_setattr (include/uapi/linux/mount.h: the MS_* values).
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+CLONE_NEWNS = 0x00020000
+
 
 def _check(result: int) -> int:
     if result < 0:
@@ -184,6 +190,25 @@ def open_mount_root(dir_fd: int, name: str) -> int:
     )
 
 
+def move_mount_into(mount_fd: int, parent_fd: int, name: str) -> None:
+    """Attach a detached mount on `name` inside a pinned directory (no symlink followed)."""
+    _check(
+        _syscall(
+            SYS_move_mount,
+            ctypes.c_int(mount_fd),
+            ctypes.c_char_p(b""),
+            ctypes.c_int(parent_fd),
+            ctypes.c_char_p(_path(name)),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        )
+    )
+
+
+def setns(ns_fd: int, kind: int) -> None:
+    """Join a namespace (os.setns arrived in Python 3.12)."""
+    _check(_libc.setns(ctypes.c_int(ns_fd), ctypes.c_int(kind)))
+
+
 def open_tree_clone(dir_fd: int) -> int:
     """A detached bind-mount copy of the directory a pinned fd refers to."""
     return _check(
@@ -205,8 +230,8 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def mount_setattr(mount_fd: int, attr_set: int) -> None:
-    attr = _MountAttr(attr_set, 0, 0, 0)
+def mount_setattr(mount_fd: int, attr_set: int, propagation: int = 0) -> None:
+    attr = _MountAttr(attr_set, 0, propagation, 0)
     _check(
         _syscall(
             SYS_mount_setattr,
