@@ -119,8 +119,10 @@ class StateStore:
             return
         self._sync_directory()
 
-    def load(self) -> list[VolumeRecord]:
+    def load(self) -> tuple[list[VolumeRecord], list[str]]:
+        """Every record on disk, and the names of those that could not be read."""
         records = []
+        unreadable = []
         for path in sorted(self.directory.glob("*.json")):
             try:
                 records.append(VolumeRecord.model_validate(json.loads(path.read_bytes())))
@@ -128,9 +130,10 @@ class StateStore:
                 # A record we cannot read is left for an operator to look at,
                 # never guessed at.
                 log.error("unreadable volume record %s: %s", path, type(err).__name__)
+                unreadable.append(path.name)
         for stale in [*self.directory.glob("*.tmp*"), *self.mounts.glob("*.tmp*")]:
             stale.unlink(missing_ok=True)  # a write that never finished
-        return records
+        return records, unreadable
 
     # Mount records: written on every MOUNT and removed when the mount goes.
     # Atomic (write, rename) but not fsynced: they only have to survive a

@@ -137,7 +137,15 @@ class VolumeManager:
         stays for the next start; kubelet's unpublish still cleans it up.
         """
         restored = 0
-        for record in await anyio.to_thread.run_sync(self._store.load):
+        records, unreadable = await anyio.to_thread.run_sync(self._store.load)
+        for name in unreadable:
+            # Its volume cannot be set up again: say so where operators look.
+            self._restore_failed(
+                f"volume record {name} is unreadable; left in place for an operator",
+                # The target is inside the record we cannot read.
+                {logs.TARGET: "", "record": name},
+            )
+        for record in records:
             fields = {logs.TARGET: record.target_path, logs.VOLUME_ID: record.volume_id}
             try:
                 spec = validate(record)
@@ -165,15 +173,12 @@ class VolumeManager:
 
     @staticmethod
     def _restore_failed(message: str, fields: dict[str, str], *, forget: bool = False) -> None:
+        decision = "dropped" if forget else "skipped"
         logs.log(log, logging.WARNING, message, **fields)
         audit.record(
-            "restore " + ("dropped" if forget else "skipped"),
-            allowed=False,
-            op="restore",
-            decision="dropped" if forget else "skipped",
-            detail=message,
-            **fields,
-        )
+            f"restore {decision}", allowed=False, op="restore", decision=decision,
+            detail=message, **fields,
+        )  # fmt: skip
 
     async def _set_up(self, spec: PublishSpec, *, restoring: bool) -> Published:
         target_created, existing = await anyio.to_thread.run_sync(

@@ -436,7 +436,10 @@ class VolumeBroker:
         if not slot:
             raise BrokerError(errno.EAGAIN, "the node's brokers are busy; try again", "limit")
         try:
-            made = await _blocking(lambda: self._mount_on_target(spec))
+            # Shielded: a cancellation landing while the syscalls run would
+            # drop their result, and with it the only handle on the new mount.
+            with anyio.CancelScope(shield=True):
+                made = await _blocking(lambda: self._mount_on_target(spec))
         finally:
             self._limits.node_wide.release()
         delivered = recorded = False
@@ -455,8 +458,9 @@ class VolumeBroker:
                 minor=made.minor,
                 daemons=[(pid, start) for _, pid, start in daemons],
             )
-            await _blocking(lambda: self._store.save_mount(record))
-            recorded = True
+            with anyio.CancelScope(shield=True):  # saved and known, or neither
+                await _blocking(lambda: self._store.save_mount(record))
+                recorded = True
             frame = wire.response_frame(ok=True, mount_id=token)
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
             watch = anyio.CancelScope()
@@ -644,22 +648,26 @@ class VolumeBroker:
         """
         dead = set(self._dead_minors)
         self._dead_minors = []
-        probe_fd = os.dup(live.mount_fd)
+        # The thread gets its own duplicate and closes it itself: if the live
+        # mount is let go meanwhile, this may be its last reference, whose
+        # close can wait on the daemon.
+        live_fd = os.dup(live.mount_fd)
+
+        def heal() -> list[str]:
+            try:
+                return consumers.heal(self.target.pod_uid, dead, live_fd)
+            finally:
+                os.close(live_fd)
+
         try:
-            outcome = await self._waits.call(
-                self.target.pod_uid,
-                lambda: consumers.heal(self.target.pod_uid, dead, probe_fd),
-                None,
-                name="heal",
-            )
+            outcome = await self._waits.call(self.target.pod_uid, heal, None, name="heal")
         except NoSlot:
-            log.warning("no thread left for this pod; its consumers keep the dead mount")
+            self._waits.run_detached(self.target.pod_uid, lambda: os.close(live_fd), name="close")
+            log.warning("no thread left for this pod; its consumers keep the old mount")
             return
         except Exception:
             log.error("healing the pod's consumers failed", exc_info=True)
             return
-        finally:
-            os.close(probe_fd)
         for line in outcome.value or []:
             logs.log(log, logging.INFO, f"consumer mount: {line}", **self._fields())
 

@@ -24,7 +24,10 @@ _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 DNS_LABEL = re.compile(rf"^{_DNS_LABEL}$")
 # A file name for meta-fuse's socket: one path component, no hidden tricks.
-_SOCKET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+# At most 80 characters: the broker binds it as /proc/self/fd/<dirfd>/<name>
+# (the pod's directory is never named by path), and a Unix socket path holds
+# 107 bytes: 14 for "/proc/self/fd/", up to 7 for the fd number, 1 for "/".
+_SOCKET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 
 _ALLOWED_MODES = {
     csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_WRITER,
