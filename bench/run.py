@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""csi-async benchmarks: mount latency, CSI RPC latency, bursts, memory, data plane.
+"""csi-async benchmarks: mount latency, CSI RPC latency, bursts, memory, data plane, pod start.
 
     .venv/bin/python bench/run.py [--quick | --smoke] [--only P1,P2] [--json FILE] [--profile]
+
+(pod_start_to_first_read, a pod's start to its consumer's first read with a
+FUSE volume against an emptyDir, is in bench/pod_start.py.)
 
 Runs as root on a Linux node with FUSE (the same prerequisites as
 scripts/test.sh). Every measurement starts its own simulated node
@@ -43,6 +46,7 @@ if str(REPO) not in sys.path:
 
 import grpc  # noqa: E402
 
+from bench import pod_start  # noqa: E402
 from csi_async._proto.csi import v1 as csi  # noqa: E402
 from csi_async.volumes import NATIVE_SOCKET_NAME  # noqa: E402
 from e2e.csi_client import CsiClient  # noqa: E402
@@ -65,7 +69,7 @@ DRIVER_ARGS = ["--log-level", "info"]
 # A FUSE program that fails to mount in P6 is restarted, as kubelet restarts a
 # failed container; P6 counts as served only if every volume ends up mounted.
 P6_ATTEMPTS = 3
-MEASUREMENTS = ("P1", "P2", "P3", "P4", "P5", "P6")
+MEASUREMENTS = ("P1", "P2", "P3", "P4", "P5", "P6", pod_start.NAME)
 
 READER = """
 import json, os, sys, time
@@ -96,6 +100,9 @@ class Sizes:
     p46_in_flight: int
     p5_mib: int
     p5_reps: int
+    # pod_start_to_first_read: timed rounds (one pod A and one pod B each), warm-up rounds
+    pod_start_rounds: int
+    pod_start_warmup: int
 
 
 FULL = Sizes(
@@ -108,6 +115,8 @@ FULL = Sizes(
     p46_in_flight=16,
     p5_mib=512,
     p5_reps=16,
+    pod_start_rounds=20,
+    pod_start_warmup=1,
 )
 QUICK = Sizes(
     "quick",
@@ -119,6 +128,8 @@ QUICK = Sizes(
     p46_in_flight=16,
     p5_mib=256,
     p5_reps=6,
+    pod_start_rounds=6,
+    pod_start_warmup=1,
 )
 SMOKE = Sizes(
     "smoke",
@@ -130,6 +141,8 @@ SMOKE = Sizes(
     p46_in_flight=4,
     p5_mib=16,
     p5_reps=1,
+    pod_start_rounds=2,
+    pod_start_warmup=0,
 )
 
 
@@ -484,9 +497,9 @@ class MountWatcher:
 
 
 @contextlib.contextmanager
-def simulated_node(env: Env, name: str) -> Iterator[Node]:
+def simulated_node(env: Env, name: str, **node_args: Any) -> Iterator[Node]:
     workdir = env.dir(f"node-{name}")
-    with Node(workdir, env.zipapp, driver_args=DRIVER_ARGS) as node:
+    with Node(workdir, env.zipapp, driver_args=DRIVER_ARGS, **node_args) as node:
         env.kubelet_roots.append(node.root.path)
         yield node
 
@@ -1322,6 +1335,100 @@ def bench_p5(env: Env) -> list[Row]:
     return [ours_row, native_row, ratio_row]
 
 
+# ---------------------------------------------------------------------------- pod start
+
+
+def bench_pod_start(env: Env) -> list[Row]:
+    """pod_start_to_first_read: see bench/pod_start.py and docs/performance.md."""
+    name = pod_start.NAME
+    binds = pod_start.examples_bind(EXAMPLES)
+    with (
+        simulated_node(env, "pod-start", shared_binds=binds) as node,
+        profiled(env, node, name),
+    ):
+        runs = pod_start.measure(node, env.sizes.pod_start_rounds, env.sizes.pod_start_warmup)
+    timed = [r for r in runs if not r.warmup]
+    fuse = [r for r in timed if r.kind == pod_start.FUSE]
+    empty = [r for r in timed if r.kind == pod_start.EMPTY_DIR]
+    a = Row(
+        name,
+        f"{name}.fuse",
+        "pod A, FUSE volume (hello sidecar, zipapp+broker, fusermount3 --wait probe): "
+        "pod start→app's first read",
+        "ms",
+        [r.first_read_ms for r in fuse],
+    )
+    b = Row(
+        name,
+        f"{name}.empty_dir",
+        "pod B, same pod on a pre-filled emptyDir (probe `true`): pod start→app's first read",
+        "ms",
+        [r.first_read_ms for r in empty],
+    )
+    ratio = a.median / b.median
+
+    def median(values: list[float]) -> float:
+        return percentile(sorted(values), 0.5)
+
+    # The same ratio with the clock started at the first container's creation
+    # (leaves out the volume setup: the publish RPCs, or the emptyDir).
+    from_container = median([r.first_read_ms - r.sidecar_created_ms for r in fuse]) / median(
+        [r.first_read_ms - r.sidecar_created_ms for r in empty]
+    )
+    paired = [(x, y) for x in fuse for y in empty if x.round == y.round]
+    per_round = [x.first_read_ms / y.first_read_ms for x, y in paired]
+    retried = [f"{r.kind} round {r.round}: {r.failed_reads}" for r in timed if r.failed_reads]
+    ratio_row = Row(
+        name,
+        f"{name}.ratio",
+        "ratio of the medians A/B",
+        "x",
+        [ratio],
+        "≤ 1.2",
+        ratio <= 1.2,
+        note=f"from the sidecar running instead of pod start: {from_container:.3f}; "
+        f"median of the per-round ratios {median(per_round):.3f}"
+        + (f"; reads that failed before the first success: {retried}" if retried else ""),
+        extra={
+            "ratio_of_medians": ratio,
+            "ratio_from_first_container": from_container,
+            "per_round_ratios": [round(v, 4) for v in per_round],
+            "failed_reads": retried,
+            "runs": [r.to_json() for r in runs],
+        },
+    )
+    rows = [
+        a,
+        b,
+        ratio_row,
+        Row(
+            name,
+            f"{name}.difference",
+            "  A - B, per round (paired)",
+            "ms",
+            [x.first_read_ms - y.first_read_ms for x, y in paired],
+        ),
+    ]
+    # "running": the runtime has created and started the container (its
+    # program is about to run); a sidecar is "started" once its probe passed.
+    stages: list[tuple[str, str, Callable[[pod_start.PodRun], float]]] = [
+        ("volumes", "pod start→sidecar running (volume setup, then the container)",
+         lambda r: r.sidecar_created_ms),
+        ("probe", "sidecar running→its startupProbe passed",
+         lambda r: r.sidecar_started_ms - r.sidecar_created_ms),
+        ("app", "startupProbe passed→app running",
+         lambda r: r.app_created_ms - r.sidecar_started_ms),
+        ("read", "app running→first read", lambda r: r.first_read_ms - r.app_created_ms),
+    ]  # fmt: skip
+    for label, kind, pod_runs in (("A", "fuse", fuse), ("B", "empty_dir", empty)):
+        for key, what, stage in stages:
+            rows.append(
+                Row(name, f"{name}.{kind}.{key}", f"  {label}: {what}", "ms",
+                    [stage(r) for r in pod_runs])
+            )  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -1359,7 +1466,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=",".join(MEASUREMENTS),
-        help="comma-separated measurements to run (default: all)",
+        help=f"comma-separated measurements to run, of {', '.join(MEASUREMENTS)} (default: all)",
     )
     parser.add_argument(
         "--json",
@@ -1383,11 +1490,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(fields: {', '.join(f.name for f in dataclasses.fields(Sizes) if f.name != 'mode')})",
     )
     args = parser.parse_args(argv)
-    only = [p.strip().upper() for p in args.only.split(",") if p.strip()]
-    unknown = set(only) - set(MEASUREMENTS)
+    canonical = {m.lower(): m for m in MEASUREMENTS}
+    requested = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in requested if p.lower() not in canonical]
     if unknown:
-        parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
-    args.only = only
+        parser.error(
+            f"unknown measurement(s): {', '.join(unknown)} (known: {', '.join(MEASUREMENTS)})"
+        )
+    args.only = [canonical[p.lower()] for p in requested]
     overrides: dict[str, int] = {}
     names = {f.name for f in dataclasses.fields(Sizes)} - {"mode"}
     for item in args.set:
@@ -1438,6 +1548,7 @@ def main(argv: list[str] | None = None) -> int:
         which = {"P4", "P6"} & set(args.only)
         steps.append(("+".join(sorted(which)), lambda: bench_p46(env, which)))
     steps.append(("P5", lambda: bench_p5(env)))
+    steps.append((pod_start.NAME, lambda: bench_pod_start(env)))
     try:
         for label, step in steps:
             if not set(label.split("+")) & set(args.only):

@@ -27,8 +27,23 @@ computePodActions), on a 1 s relist like the generic PLEG:
   same backoff (CrashLoopBackOff);
 * exec (kubelet's ExecSync, also used for exec probes) runs a command in the
   container's mount and PID namespaces as the container's user (unlike runc
-  exec it does not join the pod's cgroup). A startupProbe runs as soon as the
-  container has started, then every periodSeconds;
+  exec it does not join the pod's cgroup);
+* a startupProbe is run by a probe worker as kubelet's (pkg/kubelet/prober,
+  worker.go): one per container name that has one, started when the pod is
+  first synced, before its first container (probeManager.AddPod), and kept
+  for the pod's lifetime. It probes at once, then on a ticker of
+  periodSeconds from its own start (a Go time.Ticker: a tick missed while a
+  probe ran is delivered at once, later ones are dropped). A tick probes only
+  if the current container runs, int(seconds since it started) >=
+  initialDelaySeconds and it has not started yet; so the first probe of a
+  container comes at the first tick after both, not at its start. A success
+  marks it started and syncs the pod at once (the syncLoop's startupManager
+  update), which starts the next container; failureThreshold failures in a
+  row kill it, and the worker holds off until a new container of that name
+  exists. Not modelled: the status manager's lag (kubelet's worker sees a new
+  container only once a later sync has put it in the pod status, after the
+  PLEG's relist), the random initial delay of workers created within a
+  period of kubelet's own start, and successThreshold (1 for startup probes);
 * delete(): SIGTERM to the app containers, then to the sidecars in reverse
   order once the apps are gone, SIGKILL after the grace period.
 
@@ -108,12 +123,13 @@ class VolumeMount:
 
 @dataclass(frozen=True)
 class ExecProbe:
-    """A probe with an exec handler (only startupProbe is modelled)."""
+    """A probe with an exec handler (only startupProbe is modelled); the API's defaults."""
 
     command: Sequence[str]
-    period_seconds: float = 1.0
-    failure_threshold: int = 3
+    initial_delay_seconds: float = 0.0
+    period_seconds: float = 10.0
     timeout_seconds: float = 1.0
+    failure_threshold: int = 3
 
 
 @dataclass(frozen=True)
@@ -163,11 +179,18 @@ def is_sidecar(spec: ContainerSpec) -> bool:
     return spec.restart_policy == ALWAYS
 
 
-def fuse_startup_probe(mount_path: str, failure_threshold: int = 60) -> ExecProbe:
-    """The docs' startupProbe for a FUSE sidecar: a FUSE filesystem at mount_path in mountinfo."""
+def fuse_startup_probe(
+    mount_path: str, wait_seconds: float = 30.0, failure_threshold: int = 2
+) -> ExecProbe:
+    """The examples' startupProbe for a FUSE sidecar (examples/*/pod.yaml):
+    `fusermount3 --wait <mountPath> --timeout 30`, which returns as soon as a
+    FUSE filesystem is mounted there (from mountinfo only). timeoutSeconds is
+    above --timeout, so the zipapp's own message ends a failed try."""
     return ExecProbe(
-        ["grep", "-qE", f"^([^ ]+ ){{4}}{mount_path} .* - fuse", "/proc/self/mountinfo"],
-        period_seconds=1.0,
+        ["fusermount3", "--wait", mount_path, "--timeout", f"{wait_seconds:g}"],
+        initial_delay_seconds=0,
+        period_seconds=1,
+        timeout_seconds=wait_seconds + 5,
         failure_threshold=failure_threshold,
     )
 
@@ -360,6 +383,7 @@ class RunningPod:
 
     def start(self) -> RunningPod:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._start_probe_workers()
         self._thread = threading.Thread(
             target=self._work, name=f"pod-worker-{self.pod.name}", daemon=True
         )
@@ -380,16 +404,24 @@ class RunningPod:
 
     def stop_worker(self) -> None:
         """Stop syncing (no more starts or restarts); containers stay as they are."""
+        self._stop_syncing()
+        self._join_probe_workers()
+
+    def _stop_syncing(self) -> None:
         self._stopping.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
+
+    def _join_probe_workers(self, timeout: float = 10.0) -> None:
+        # A probe in flight (fusermount3 --wait blocks up to its --timeout)
+        # ends with its container at the latest; its result is dropped.
         for thread in self._probe_threads:
-            thread.join(10)
+            thread.join(timeout)
 
     def delete(self, grace: float | None = None) -> None:
         """kubelet's pod deletion: apps first, then sidecars in reverse order."""
-        self.stop_worker()
+        self._stop_syncing()
         grace = self.spec.termination_grace_period_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         apps = [self.statuses[c.name] for c in self.spec.containers]
@@ -408,6 +440,7 @@ class RunningPod:
             for status in self.statuses.values():
                 if status.state == RUNNING:
                     self._mark_exited(status)
+        self._join_probe_workers()
         if errors:
             raise errors[0]
 
@@ -649,14 +682,6 @@ class RunningPod:
         status.started = spec.startup_probe is None
         status.started_at = status.created_at if status.started else None
         self._event(spec.name, "Normal", "Started", f"Started container {spec.name}")
-        if spec.startup_probe is not None:
-            thread = threading.Thread(
-                target=self._probe_startup, args=(spec, status, container),
-                name=f"startup-probe-{spec.name}", daemon=True,
-            )  # fmt: skip
-            self._probe_threads = [t for t in self._probe_threads if t.is_alive()]
-            self._probe_threads.append(thread)
-            thread.start()
 
     def cri_mounts(self, spec: ContainerSpec) -> list[Mount]:
         """kubelet's makeMounts: the CRI mounts of a container."""
@@ -687,34 +712,100 @@ class RunningPod:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    def _probe_startup(self, spec: ContainerSpec, status: ContainerStatus, mine: Container) -> None:
+    # -------------------------------------------------------------- startup probes
+
+    def _start_probe_workers(self) -> None:
+        """probeManager.AddPod: a startup-probe worker for each app container and
+        native sidecar that has a startupProbe, before any container starts."""
+        candidates = [*(c for c in self.spec.init_containers if is_sidecar(c)),
+                      *self.spec.containers]  # fmt: skip
+        for spec in candidates:
+            if spec.startup_probe is None:
+                continue
+            thread = threading.Thread(
+                target=self._probe_worker, args=(spec,),
+                name=f"startup-probe-{self.pod.name}-{spec.name}", daemon=True,
+            )  # fmt: skip
+            self._probe_threads.append(thread)
+            thread.start()
+
+    def _probe_worker(self, spec: ContainerSpec) -> None:
+        """worker.run: doProbe at once, then on every tick of a periodSeconds ticker."""
         probe = spec.startup_probe
         assert probe is not None
-        failures = 0
-        while not self._stopping.is_set() and status.container is mine and mine.poll() is None:
-            try:
-                result = self.exec(spec.name, probe.command, probe.timeout_seconds)
-                ok = result.returncode == 0
-            except (subprocess.TimeoutExpired, LookupError):
-                ok = False
-            if status.container is not mine:
+        period = max(float(probe.period_seconds), 0.001)
+        state = _ProbeState()
+        started = time.monotonic()
+        consumed = 0  # index of the last tick consumed (0: the worker's start)
+        while not self._stopping.is_set() and self._do_startup_probe(spec, state):
+            now = time.monotonic()
+            due = int((now - started) / period)  # ticks that have fired by now
+            if due > consumed:
+                consumed = due  # one was kept for us; the rest were dropped
+                continue
+            next_tick = started + (consumed + 1) * period
+            if self._stopping.wait(max(next_tick - time.monotonic(), 0.0)):
                 return
+            consumed += 1
+
+    def _do_startup_probe(self, spec: ContainerSpec, state: _ProbeState) -> bool:
+        """worker.doProbe for a startup probe; returns whether to keep going."""
+        probe = spec.startup_probe
+        assert probe is not None
+        status = self.statuses[spec.name]
+        with self._lock:
+            container = status.container
+            if container is None:
+                return True  # not created yet
+            if container is not state.container:  # a new container: probe it afresh
+                state.container = container
+                state.on_hold = False
+                state.failures = 0
+            if state.on_hold or status.state != RUNNING or container.poll() is not None:
+                return True
+            assert status.created_at is not None
+            if int(time.monotonic() - status.created_at) < probe.initial_delay_seconds:
+                return True
+            if status.started:
+                return True  # done for this container; kept for its successor
+        try:
+            result = self.exec(spec.name, probe.command, probe.timeout_seconds)
+        except subprocess.TimeoutExpired:
+            ok, output = False, f"command timed out after {probe.timeout_seconds:g}s"
+        except LookupError:
+            return True  # gone meanwhile: no result
+        else:
+            ok = result.returncode == 0
+            output = (result.stdout + result.stderr).decode(errors="replace").strip()
+        with self._lock:
+            if self._stopping.is_set() or status.container is not container:
+                return True  # a result for a container that is no longer current
             if ok:
-                with self._lock:
-                    if status.container is mine:
-                        status.started = True
-                        status.started_at = time.monotonic()
-                self._wake.set()
-                return
-            failures += 1
-            if failures >= probe.failure_threshold:
-                self._event(spec.name, "Warning", "Unhealthy", "Startup probe failed")
-                message = f"Container {spec.name} failed startup probe, will be restarted"
-                self._event(spec.name, "Normal", "Killing", message)
-                mine.stop(self.spec.termination_grace_period_seconds)
-                self._wake.set()
-                return
-            self._stopping.wait(probe.period_seconds)
+                status.started = True
+                status.started_at = time.monotonic()
+                state.failures = 0
+                self._wake.set()  # handleProbeSync: the pod is synced at once
+                return True
+            self._event(spec.name, "Warning", "Unhealthy", f"Startup probe failed: {output}")
+            state.failures += 1
+            if state.failures < probe.failure_threshold:
+                return True
+            state.on_hold = True
+            state.failures = 0
+            message = f"Container {spec.name} failed startup probe, will be restarted"
+            self._event(spec.name, "Normal", "Killing", message)
+        container.stop(self.spec.termination_grace_period_seconds)
+        self._wake.set()
+        return True
+
+
+@dataclass
+class _ProbeState:
+    """What a probe worker remembers: the container it probes, its failures in a row."""
+
+    container: Container | None = None
+    failures: int = 0
+    on_hold: bool = False
 
 
 def kill_processes(container: Container, comm: str, sig: int = signal.SIGKILL) -> list[int]:

@@ -55,3 +55,36 @@ def test_smoke_run_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     # Each row also appears in the printed table.
     assert sum(line.startswith("| P1 ") for line in run.stdout.splitlines()) >= 5
     assert sum(line.startswith("| P2 ") for line in run.stdout.splitlines()) >= 4
+
+
+def test_pod_start_to_first_read_runs_in_quick_mode_and_reports_a_ratio(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    name = "pod_start_to_first_read"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only", name,
+         "--json", str(results)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    report = json.loads(results.read_text())
+    assert report["mode"] == "quick"
+    assert report["only"] == [name]
+    assert not report["errors"]
+    assert report["cleanup"]["mounts_left"] == []
+
+    rows = {row["key"]: row for row in report["results"]}
+    pods = [rows[f"{name}.fuse"], rows[f"{name}.empty_dir"]]
+    for row in pods:
+        assert row.keys() >= STAT_KEYS, row["key"]
+        assert row["n"] == report["sizes"]["pod_start_rounds"], row["key"]
+        assert row["median"] > 0 and row["p90"] <= row["p99"], row["key"]
+    ratio = rows[f"{name}.ratio"]
+    assert ratio["goal"] == "≤ 1.2"
+    assert ratio["status"] in ("PASS", "MISS")
+    assert ratio["median"] == pytest.approx(pods[0]["median"] / pods[1]["median"])
+    assert ratio["status"] == ("PASS" if ratio["median"] <= 1.2 else "MISS")
+    # The consumer never had to retry: the startupProbe gated it.
+    assert ratio["extra"]["failed_reads"] == []
+    table = [line for line in run.stdout.splitlines() if line.startswith(f"| {name} ")]
+    assert any("ratio of the medians A/B" in line for line in table)

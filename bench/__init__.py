@@ -1,0 +1,1 @@
+"""Benchmarks: bench/run.py (see docs/performance.md)."""
