@@ -34,13 +34,6 @@ POD_NAME_KEY = "csi.storage.k8s.io/pod.name"
 # Bound service-account tokens; kubelet may put them in volume_context.
 TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
 
-REDACTED = "***"
-
-
-def redact_context(context: Mapping[str, str]) -> dict[str, str]:
-    """A copy of a volume_context that is safe to log."""
-    return {k: (REDACTED if k == TOKENS_KEY else v) for k, v in context.items()}
-
 
 def pod_fields(context: Mapping[str, str]) -> dict[str, str]:
     fields = {}

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from grpclib.server import Server
 
 from csi_async import __version__, logs, metrics
@@ -64,6 +65,11 @@ async def serve(settings: Settings) -> None:
     settings.state_dir.chmod(0o700)
     policy = NodePolicy(
         allow_other=settings.allow_other, require_pod_cgroup=settings.peer_check == "cgroup"
+    )
+    # The mount syscalls run in anyio's worker threads: let every node-wide
+    # slot have one, beside the threads kubelet's RPCs use.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = max(
+        40, settings.max_connections + 16
     )
     limits = BrokerLimits(
         node_wide=anyio.CapacityLimiter(settings.max_connections),

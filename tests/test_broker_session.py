@@ -809,3 +809,44 @@ async def test_threads_stay_bounded_under_many_calls_on_a_blocked_daemon() -> No
         blocked.release.set()
     await eventually(lambda: waits.running() == 0, "every thread ended")
     await eventually(lambda: threading.active_count() <= baseline, "threads gone")
+
+
+# ---------------------------------------------------------------- node-wide accounting
+
+
+@pytest.mark.asyncio
+async def test_one_pods_detached_closes_never_take_the_node_wide_slots() -> None:
+    # Guards FuseWaits._charged: closes run whatever the caps (run_detached);
+    # if they counted fully against node_wide, one pod stuck on many last
+    # closes would leave no slot for any other pod.
+    waits = FuseWaits(per_pod=2, node_wide=4)
+    release = threading.Event()
+    try:
+        for _ in range(10):
+            waits.run_detached("hostile", release.wait, name="close")
+        assert waits.running("hostile") == 10
+        assert not waits.has_slot("hostile")
+        assert waits.has_slot("neighbour")
+        outcome = await waits.call("neighbour", lambda: 7, 5.0, name="probe")
+        assert outcome == Outcome(True, 7)
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while waits.running() and time.monotonic() < deadline:
+        await anyio.sleep(0.01)
+    assert waits.running() == 0
+    assert waits.has_slot("hostile")
+
+
+def test_a_reused_minor_is_no_longer_taken_for_a_dead_superblock() -> None:
+    # Guards BrokerLimits.minor_reused: the kernel hands a freed anonymous
+    # device number to the next superblock, so a volume must not heal
+    # another volume's live copies that happen to carry its old number.
+    limits = BrokerLimits()
+    limits.remember_gone(41, "/target/a")
+    limits.remember_gone(42, "/target/a")
+    limits.remember_gone(43, "/target/b")
+    limits.minor_reused(42)  # some volume's new mount got 42
+    assert limits.claim_gone("/target/a") == {41}
+    assert limits.claim_gone("/target/a") == set()
+    assert limits.claim_gone("/target/b") == {43}

@@ -55,12 +55,17 @@ class FuseWaits:
     # in all; only touched on the event loop.
     _by_pod: dict[str, int] = field(default_factory=dict)
     _running: int = 0
+    # What counts against node_wide: each pod's threads up to its own cap.
+    # Threads that must run whatever the caps (run_detached) can take a pod
+    # past its cap; counting those too would let one pod close the node's
+    # slots for everyone else.
+    _charged: int = 0
 
     def running(self, pod_uid: str | None = None) -> int:
         return self._running if pod_uid is None else self._by_pod.get(pod_uid, 0)
 
     def has_slot(self, pod_uid: str) -> bool:
-        return self._running < self.node_wide and self._by_pod.get(pod_uid, 0) < self.per_pod
+        return self._charged < self.node_wide and self._by_pod.get(pod_uid, 0) < self.per_pod
 
     async def call(
         self,
@@ -115,7 +120,10 @@ class FuseWaits:
     ) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        self._by_pod[pod_uid] = self._by_pod.get(pod_uid, 0) + 1
+        held = self._by_pod.get(pod_uid, 0)
+        if held < self.per_pod:
+            self._charged += 1
+        self._by_pod[pod_uid] = held + 1
         self._running += 1
 
         def report(value: T | None, error: BaseException | None) -> None:
@@ -156,6 +164,8 @@ class FuseWaits:
     def _release(self, pod_uid: str) -> None:
         self._running -= 1
         held = self._by_pod.get(pod_uid, 0) - 1
+        if held < self.per_pod:
+            self._charged -= 1
         if held > 0:
             self._by_pod[pod_uid] = held
         else:

@@ -40,6 +40,27 @@ class BrokerLimits:
     fuse_waits: FuseWaits = field(default_factory=FuseWaits)
     # Open connections per pod UID; only touched on the event loop.
     _by_pod: dict[str, int] = field(default_factory=dict)
+    # Device minors of FUSE superblocks that brokers let go, by owner (the
+    # target path), for healing consumers (see VolumeBroker._heal_consumers).
+    _gone: dict[int, str] = field(default_factory=dict)
+
+    def remember_gone(self, minor: int, owner: str) -> None:
+        self._gone[minor] = owner
+
+    def minor_reused(self, minor: int) -> None:
+        """A new FUSE mount got this minor, so the superblock that had it is freed.
+
+        Anonymous device numbers are reused lowest-first; without this a
+        volume could take another volume's live mounts for its dead ones.
+        """
+        self._gone.pop(minor, None)
+
+    def claim_gone(self, owner: str) -> set[int]:
+        """The owner's remembered minors (still naming its old superblocks), forgotten."""
+        mine = {minor for minor, who in self._gone.items() if who == owner}
+        for minor in mine:
+            del self._gone[minor]
+        return mine
 
     def open_connection(self, pod_uid: str, volume_connections: int) -> str | None:
         """Count one more connection for the pod; None if allowed, else why not.

@@ -61,9 +61,6 @@ PATIENT_PROBE_TIMEOUT = 10.0
 LOCK_WAIT = 5.0
 SLOT_WAIT = 5.0
 
-# Dead superblocks of this volume remembered for healing its consumers.
-MAX_DEAD_REMEMBERED = 4
-
 # Reported when the peer could not be looked up at all.
 _UNKNOWN_PEER = Peer(0, -1, -1)
 
@@ -152,9 +149,7 @@ class VolumeBroker:
         self._store = store
         # Daemons of an adopted mount, from its record: (pid, start time).
         self._adopted_daemons: list[tuple[int, int]] = []
-        # Device minors of this volume's mounts whose daemon died: their
-        # copies in the pod's other containers are swapped for the next mount.
-        self._dead_minors: list[int] = []
+
         self._limits = limits
         self._waits = limits.fuse_waits
         self._connections = 0
@@ -404,19 +399,22 @@ class VolumeBroker:
 
     # ------------------------------------------------------------------ MOUNT
 
-    async def _mount(
-        self, conn: socket.socket, request: MountRequest, peer: Peer
-    ) -> fuse.FuseMountSpec:
-        await self._clear_dead_mount()
+    def _require_thread_slot(self) -> None:
         if not self._waits.has_slot(self.target.pod_uid):
             # Its threads are stuck in calls to unresponsive daemons (probes,
-            # last closes); more mounts would only stack more of them.
+            # last closes); more mounts or unmounts would only stack more.
             raise BrokerError(
                 errno.EBUSY,
                 "earlier calls to this pod's FUSE daemons have not returned "
                 "(a daemon does not answer); try again once they do",
                 "busy",
             )
+
+    async def _mount(
+        self, conn: socket.socket, request: MountRequest, peer: Peer
+    ) -> fuse.FuseMountSpec:
+        self._require_thread_slot()
+        await self._clear_dead_mount()
         try:
             spec = plan_mount(
                 volume_options=list(self.target.options),
@@ -440,6 +438,7 @@ class VolumeBroker:
             # drop their result, and with it the only handle on the new mount.
             with anyio.CancelScope(shield=True):
                 made = await _blocking(lambda: self._mount_on_target(spec))
+                self._limits.minor_reused(made.minor)
         finally:
             self._limits.node_wide.release()
         delivered = recorded = False
@@ -472,8 +471,9 @@ class VolumeBroker:
             if self._tasks is not None:
                 self._tasks.start_soon(self._watch_daemon, token, pidfds, watch)
                 pidfds = []
-                if self._dead_minors:
-                    self._tasks.start_soon(self._heal_consumers, self._active)
+                gone = self._limits.claim_gone(self.target.absolute)
+                if gone:
+                    self._tasks.start_soon(self._heal_consumers, self._active, gone)
         finally:
             # On any failure (the peer went away, a cancellation by unpublish or
             # shutdown, a bug) the program never got the fd: a mount nobody
@@ -570,7 +570,7 @@ class VolumeBroker:
         self._active = None
         metrics.LIVE_MOUNTS.dec()
         if not abort:
-            self._dead_minors = [*self._dead_minors, active.minor][-MAX_DEAD_REMEMBERED:]
+            self._limits.remember_gone(active.minor, self.target.absolute)
         with anyio.CancelScope(shield=True):
             await _blocking(lambda: self._store.remove_mount(self.target.absolute))
             if abort:
@@ -640,14 +640,12 @@ class VolumeBroker:
             raise
         await self._watch_daemon(active.token, pidfds, active.watch)
 
-    async def _heal_consumers(self, live: ActiveMount) -> None:
+    async def _heal_consumers(self, live: ActiveMount, dead: set[int]) -> None:
         """Swap the pod's copies of this volume's dead mounts for clones of `live`.
 
         Runs in a thread of the pod's own (fuse_waits): it reads the pod's
         processes' /proc files and waits for the swap child.
         """
-        dead = set(self._dead_minors)
-        self._dead_minors = []
         # The thread gets its own duplicate and closes it itself: if the live
         # mount is let go meanwhile, this may be its last reference, whose
         # close can wait on the daemon.
@@ -709,10 +707,12 @@ class VolumeBroker:
             return
         if active is None:
             raise BrokerError(errno.EINVAL, f"entry for {request['mountpoint']} not found")
+        self._require_thread_slot()
         await self._forget(active)
         await _answer_ok(conn, active.token)
 
     async def _detach_all(self) -> None:
+        self._limits.claim_gone(self.target.absolute)  # nothing left to heal
         if self._active is not None:
             # Aborted while our fd still pins the mount, so the connection
             # number cannot have been reused by another pod's mount.
