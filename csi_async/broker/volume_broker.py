@@ -625,20 +625,25 @@ class VolumeBroker:
         try:
             if len(pidfds) < len(daemons) or not daemons:
                 async with self._lock:
-                    if self._active is active and await self._probe(active, PATIENT_PROBE_TIMEOUT):
-                        active.watch = None
-                        await self._forget(active)
-                        metrics.DEAD_MOUNTS_DETACHED.inc()
-                        logs.log(
-                            log, logging.INFO, "adopted mount's FUSE daemon is gone; detached it",
-                            **self._fields(),
-                        )  # fmt: skip
+                    if self._active is active and await self._detach_if_dead(
+                        active, "adopted mount's FUSE daemon is gone; detached it"
+                    ):
                         return
         except BaseException:
             for fd in pidfds:
                 os.close(fd)
             raise
         await self._watch_daemon(active.token, pidfds, active.watch)
+
+    async def _detach_if_dead(self, active: ActiveMount, message: str) -> bool:
+        """From the daemon watch (caller holds the lock): probe, detach if dead."""
+        if not await self._probe(active, PATIENT_PROBE_TIMEOUT):
+            return False
+        active.watch = None  # the calling task itself: do not cancel it
+        await self._forget(active)
+        metrics.DEAD_MOUNTS_DETACHED.inc()
+        logs.log(log, logging.INFO, message, **self._fields())
+        return True
 
     async def _heal_consumers(self, live: ActiveMount, dead: set[int]) -> None:
         """Swap the pod's copies of this volume's dead mounts for clones of `live`.
@@ -682,14 +687,9 @@ class VolumeBroker:
                         active = self._active
                         if active is None or active.token != token:
                             return
-                        if await self._probe(active, PATIENT_PROBE_TIMEOUT):
-                            active.watch = None  # this very task: do not cancel it
-                            await self._forget(active)
-                            metrics.DEAD_MOUNTS_DETACHED.inc()
-                            logs.log(
-                                log, logging.INFO, "FUSE daemon exited; detached its dead mount",
-                                **self._fields(),
-                            )  # fmt: skip
+                        if await self._detach_if_dead(
+                            active, "FUSE daemon exited; detached its dead mount"
+                        ):
                             return
             finally:
                 for fd in pidfds:
