@@ -140,17 +140,20 @@ class StateStore:
     # crash of the driver process, which the page cache does; after a node
     # crash there is no FUSE mount left to describe.
 
+    def _mount_path(self, target_path: str) -> Path:
+        return self.mounts / self._path(target_path).name
+
     def save_mount(self, record: MountRecord) -> None:
-        path = self.mounts / self._path(record.target_path).name
+        path = self._mount_path(record.target_path)
         temporary = path.with_suffix(f".tmp{os.getpid()}")
         temporary.write_bytes(record.model_dump_json().encode())
         os.replace(temporary, path)
 
     def remove_mount(self, target_path: str) -> None:
-        (self.mounts / self._path(target_path).name).unlink(missing_ok=True)
+        self._mount_path(target_path).unlink(missing_ok=True)
 
     def load_mount(self, target_path: str) -> MountRecord | None:
-        path = self.mounts / self._path(target_path).name
+        path = self._mount_path(target_path)
         try:
             return MountRecord.model_validate(json.loads(path.read_bytes()))
         except FileNotFoundError:

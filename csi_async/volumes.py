@@ -117,8 +117,7 @@ class VolumeManager:
                     # against a clean slate instead of being answered OK.
                     await anyio.to_thread.run_sync(self._store.save, record)
                 except BaseException:
-                    await self._tear_down(published)
-                    await anyio.to_thread.run_sync(self._detach_any_and_remove_target, spec.target)
+                    await self._undo(published, spec.target)
                     raise
                 self._volumes[key] = published
                 metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
@@ -374,20 +373,20 @@ class VolumeManager:
         key = target.absolute
         with self._claim(key), anyio.CancelScope(shield=True):
             published = self._volumes.get(key)
-            if published is not None:
-                await self._tear_down(published)
-                del self._volumes[key]
-            await anyio.to_thread.run_sync(self._detach_any_and_remove_target, target)
+            await self._undo(published, target)
+            self._volumes.pop(key, None)
             await anyio.to_thread.run_sync(self._store.remove, key)
             metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
 
-    async def _tear_down(self, published: Published) -> None:
-        spec = published.spec
-        if published.broker is not None:
-            await published.broker.close()
-        unused = self._unused_native_dir(spec)
-        if unused is not None:
-            await anyio.to_thread.run_sync(_remove_empty_dirs, unused)
+    async def _undo(self, published: Published | None, target: TargetPath) -> None:
+        """Take down what publish set up, and whatever is left on the target."""
+        if published is not None:
+            if published.broker is not None:
+                await published.broker.close()
+            unused = self._unused_native_dir(published.spec)
+            if unused is not None:
+                await anyio.to_thread.run_sync(_remove_empty_dirs, unused)
+        await anyio.to_thread.run_sync(self._detach_any_and_remove_target, target)
 
     def _detach_any_and_remove_target(self, target: TargetPath) -> None:
         # Whatever is still mounted at the target (a socket-dir bind, or a

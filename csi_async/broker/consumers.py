@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from csi_async.broker.identity import proc_cgroup_pod_uid
+from csi_async.broker.identity import proc_cgroup_pod_uid, read_proc_cgroup
 from csi_async.mount import nsswap
 from csi_async.mount.mountinfo import read_mountinfo
 
@@ -22,11 +22,10 @@ def pod_namespaces(pod_uid: str) -> dict[int, int]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
+        cgroups = read_proc_cgroup(int(name))
+        if cgroups is None or proc_cgroup_pod_uid(cgroups) != pod_uid:
+            continue
         try:
-            with open(f"/proc/{name}/cgroup", encoding="utf-8", errors="replace") as f:
-                cgroups = f.read()
-            if proc_cgroup_pod_uid(cgroups) != pod_uid:
-                continue
             found.setdefault(os.stat(f"/proc/{name}/ns/mnt").st_ino, int(name))
         except OSError:
             continue  # the process exited meanwhile

@@ -17,8 +17,6 @@ answers, dies, or its connection is aborted. So each such call:
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
-log = logging.getLogger("csi_async.broker")
+from csi_async.mount import syscalls as sc
 
 T = TypeVar("T")
 
@@ -139,7 +137,8 @@ class FuseWaits:
                 done.set_result(value)  # type: ignore[arg-type]
 
         def run() -> None:
-            _name_os_thread(f"fuse-{name}")
+            # Shows the thread's job in /proc/<pid>/task/*/comm (top -H, tests).
+            sc.set_thread_name(f"fuse-{name}")
             value: T | None = None
             error: BaseException | None = None
             try:
@@ -170,15 +169,6 @@ class FuseWaits:
             self._by_pod[pod_uid] = held
         else:
             self._by_pod.pop(pod_uid, None)
-
-
-_PR_SET_NAME = 15
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _name_os_thread(name: str) -> None:
-    """Show the thread's job in /proc/<pid>/task/*/comm (top -H, tests)."""
-    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -76,7 +76,7 @@ def peer_of(sock: socket.socket) -> Peer:
     if pidfd is None:
         return Peer(pid, uid, gid)
     try:
-        text = _read_cgroup_file(pid)
+        text = read_proc_cgroup(pid)
         pod_uid = proc_cgroup_pod_uid(text) if text is not None else None
         if _exited(pidfd):
             pod_uid = None
@@ -217,7 +217,8 @@ def _open_pid_now(pid: int) -> int | None:
         return None
 
 
-def _read_cgroup_file(pid: int) -> str | None:
+def read_proc_cgroup(pid: int) -> str | None:
+    """/proc/<pid>/cgroup as text, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
             return f.read()

@@ -289,10 +289,9 @@ class VolumeBroker:
                 audit.decision = "cancelled"
                 raise
             except Exception as err:
-                if not isinstance(err, (BrokerError, OSError, framing.FramingError,
-                                        wire.BadRequest, protocol.ProtocolError)):  # fmt: skip
-                    log.error("broker request failed unexpectedly", exc_info=True)
                 code, message, reason, decision = _refusal_of(err)
+                if reason == "internal":
+                    log.error("broker request failed unexpectedly", exc_info=True)
                 audit.decision, audit.errno, audit.detail = decision, code, message
                 metrics.BROKER_REFUSALS.labels(reason).inc()
                 await self._refuse(conn, code, message)
@@ -300,8 +299,8 @@ class VolumeBroker:
                 if counted:
                     self._connections -= 1
                     self._limits.close_connection(self.target.pod_uid)
-                # A Unix socket we never let an fd into: closing it cannot
-                # reach a FUSE daemon.
+                # With SO_PASSRIGHTS off no fd can be queued on it, so this
+                # close reaches no FUSE daemon (older kernels: framing.py).
                 conn.close()
                 self._audit(peer, audit)
         except anyio.get_cancelled_exc_class():

@@ -127,20 +127,13 @@ def _detach_fd(mount_fd: int) -> None:
         pass  # not attached yet: closing the fd releases a detached mount
 
 
-def detach_mount(mount_fd: int) -> None:
+def detach_mount_quietly(mount_fd: int) -> None:
     """Lazily unmount exactly the mount a pinned mount fd refers to.
 
     Going through the fd (not the path) means a mount stacked on top, or a
     path swapped meanwhile, can never redirect the unmount elsewhere.
-    """
-    sc.umount2(f"/proc/self/fd/{mount_fd}", sc.MNT_DETACH)
-
-
-def detach_mount_quietly(mount_fd: int) -> None:
-    """detach_mount, where "already detached" (EINVAL) is not an error.
-
-    A mount can be gone already: a lazy unmount from elsewhere, or one that
-    was never attached because move_mount failed.
+    "Already detached" (EINVAL) is not an error: a lazy unmount from
+    elsewhere, or a mount never attached because move_mount failed.
     """
     try:
         sc.umount2(f"/proc/self/fd/{mount_fd}", sc.MNT_DETACH)

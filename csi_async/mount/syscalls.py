@@ -76,6 +76,8 @@ MS_SLAVE = 1 << 19
 
 CLONE_NEWNS = 0x00020000
 
+PR_SET_NAME = 15
+
 
 def _check(result: int) -> int:
     if result < 0:
@@ -202,6 +204,11 @@ def move_mount_into(mount_fd: int, parent_fd: int, name: str) -> None:
             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
         )
     )
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling thread (its comm, at most 15 bytes)."""
+    _check(_libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0))
 
 
 def setns(ns_fd: int, kind: int) -> None:
