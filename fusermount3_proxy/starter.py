@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from fusermount3_proxy.__main__ import write
+from fusermount3_proxy.output import error, write
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def run(progname: str, args: list[str]) -> int:
             keep_mount = True
         elif arg in ("-o", "--options"):
             if i + 1 >= len(args):
-                _error(progname, f"option '{arg}' requires an argument")
+                error(progname, f"option '{arg}' requires an argument")
                 return 1
             i += 1
             opts = args[i]
@@ -82,14 +82,14 @@ def run(progname: str, args: list[str]) -> int:
         elif arg.startswith("--options="):
             opts = arg[len("--options=") :]
         elif arg.startswith("-") and arg != "-":
-            _error(progname, f"unrecognized option '{arg}'")
+            error(progname, f"unrecognized option '{arg}'")
             return 1
         else:
             break
         i += 1
     program = args[i:]
     if not program:
-        _error(progname, "missing program to run (usage: [-o OPTIONS] [--keep-mount] -- PROGRAM)")
+        error(progname, "missing program to run (usage: [-o OPTIONS] [--keep-mount] -- PROGRAM)")
         return 1
     return _start(progname, opts, keep_mount, program)
 
@@ -128,7 +128,7 @@ def _start(progname: str, opts: str | None, keep_mount: bool, program: list[str]
             give_up=lambda: bool(pending),
         )
     except client.BrokerError as err:
-        _error(progname, str(err))
+        error(progname, str(err))
         return 128 + pending[0] if pending else 1
     if pending:
         # Told to stop before the program ran: nothing to forward to.
@@ -142,7 +142,7 @@ def _start(progname: str, opts: str | None, keep_mount: bool, program: list[str]
     try:
         child = subprocess.Popen(command, pass_fds=(fd,), close_fds=True)
     except OSError as err:
-        _error(progname, f"cannot execute {program[0]}: {err.strerror or err}")
+        error(progname, f"cannot execute {program[0]}: {err.strerror or err}")
         os.close(fd)
         _unmount(progname, mount_id)
         return 127
@@ -165,8 +165,4 @@ def _unmount(progname: str, mount_id: int | None) -> None:
     try:
         client.unmount(PLACEHOLDER, mount_id=mount_id)
     except client.BrokerError as err:
-        _error(progname, f"failed to unmount: {err}")
-
-
-def _error(progname: str, message: str) -> None:
-    write(2, f"{progname}: {message}\n")
+        error(progname, f"failed to unmount: {err}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from fusermount3_proxy.__main__ import write
+from fusermount3_proxy.output import error, write
 
 MOUNTINFO = "/proc/self/mountinfo"
 DEFAULT_TIMEOUT = 60.0
@@ -76,7 +76,7 @@ def run(progname: str, args: list[str]) -> int:
             return 0
         if arg == "--timeout":
             if i >= len(args):
-                _error(progname, "option '--timeout' requires an argument")
+                error(progname, "option '--timeout' requires an argument")
                 return 1
             value = args[i]
             i += 1
@@ -85,38 +85,38 @@ def run(progname: str, args: list[str]) -> int:
         elif arg == "--":
             rest = args[i:]
             if path is not None or len(rest) != 1:
-                _error(progname, "--wait takes exactly one PATH")
+                error(progname, "--wait takes exactly one PATH")
                 return 1
             path = rest[0]
             break
         elif arg.startswith("-") and arg != "-":
-            _error(progname, f"unrecognized option '{arg}'")
+            error(progname, f"unrecognized option '{arg}'")
             return 1
         elif path is not None:
-            _error(progname, "--wait takes exactly one PATH")
+            error(progname, "--wait takes exactly one PATH")
             return 1
         else:
             path = arg
         if value is not None:
             parsed = _seconds(value)
             if parsed is None:
-                _error(progname, f"invalid --timeout '{value}': give a number of seconds >= 0")
+                error(progname, f"invalid --timeout '{value}': give a number of seconds >= 0")
                 return 1
             timeout = parsed
     if not path:
-        _error(progname, "missing PATH (usage: --wait PATH [--timeout SECONDS])")
+        error(progname, "missing PATH (usage: --wait PATH [--timeout SECONDS])")
         return 1
 
     target = os.path.abspath(path)
     try:
         found = wait_for_fuse(target, timeout)
     except OSError as err:
-        _error(progname, f"cannot read {MOUNTINFO}: {err.strerror or err}")
+        error(progname, f"cannot read {MOUNTINFO}: {err.strerror or err}")
         return 1
     if found is None:
         return 0
     what = "nothing is mounted there" if not found else f"the topmost mount there is {found}"
-    _error(progname, f"no FUSE filesystem on {target} after {timeout:g} s ({what})")
+    error(progname, f"no FUSE filesystem on {target} after {timeout:g} s ({what})")
     return 1
 
 
@@ -236,7 +236,3 @@ def _seconds(text: str) -> float | None:
     if not 0 <= value < float("inf"):
         return None
     return value
-
-
-def _error(progname: str, message: str) -> None:
-    write(2, f"{progname}: {message}\n")

@@ -1,0 +1,55 @@
+"""What every mode prints, and how: fusermount3's usage and version texts, write and error.
+
+A leaf module (it imports nothing of this package but __version__): __main__
+answers "-h" and "-V" from here without compiling cli.py, and cli.py prints
+the same texts from here, so both paths give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fusermount3_proxy import __version__
+
+# fusermount3's own usage text, byte for byte, then csi-async's two extra
+# modes after it (callers only look at whether "-h" ran, never at the text).
+USAGE = (
+    "%s: [options] mountpoint\n"
+    "Options:\n"
+    " -h\t\t    print help\n"
+    " -V\t\t    print version\n"
+    " -o opt[,opt...]    mount options\n"
+    " -u\t\t    unmount\n"
+    " -q\t\t    quiet\n"
+    " -z\t\t    lazy unmount\n"
+    "\n"
+    "csi-async modes (each has its own --help):\n"
+    " --start [-o opt[,opt...]] [--keep-mount] -- PROGRAM ARGS... /dev/fd/N\n"
+    "\t\t    mount through the broker, run PROGRAM on the fd\n"
+    " --wait PATH [--timeout SECONDS]\n"
+    "\t\t    exit 0 once a FUSE filesystem is mounted on PATH\n"
+    "\t\t    (reads /proc/self/mountinfo only; a startupProbe)\n"
+)
+
+# The libfuse version callers see. The csi-async version rides along so that
+# "fusermount3 -V" in a FUSE image tells which drop-in is installed.
+FUSERMOUNT_VERSION = "3.18.0"
+
+
+def version_line() -> str:
+    return f"fusermount3 version: {FUSERMOUNT_VERSION} (csi-async {__version__})\n"
+
+
+def write(fd: int, text: str) -> None:
+    """Write straight to the fd: no buffered stream left to flush (and fail) at exit."""
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        return
+
+
+def error(progname: str, message: str) -> None:
+    """One error line on stderr, after "argv[0]: " as fusermount3 prints them."""
+    write(2, f"{progname}: {message}\n")
