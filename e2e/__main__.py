@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("argv", nargs="+")
     p = sub.add_parser("demo", help="the narrated sshfs demo (see e2e/demo.py)")
     p.add_argument("--zipapp", required=True, help="the built fusermount3 zipapp")
-    p = sub.add_parser("matrix", help="the FUSE compatibility matrix (see e2e/matrix.py)")
+    p = sub.add_parser("matrix", help="the FUSE compatibility matrix (see e2e/matrix/catalogue.py)")
     p.add_argument("--zipapp", required=True, help="the built fusermount3 zipapp")
     p.add_argument("--examples", default=str(matrix.REPO / "build" / "fuse-examples"),
                    help="libfuse's example binaries (built there if missing)")  # fmt: skip
