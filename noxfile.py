@@ -7,7 +7,7 @@
     kind       e2e/kind/run.sh (kind cluster, images, every example; needs docker and kind)
     fuzz       tests/test_fuzz_wire.py with 100000 examples against a live broker (root)
     soak       python -m e2e soak: 50 pods mount and unmount for 10 minutes (root)
-    bench      bench/run.py: latency, burst, memory and throughput table (root)
+    bench      python -m bench.run: latency, burst, memory and throughput table (root)
 
 Every session runs in the project's .venv (scripts/bootstrap.sh creates it,
 scripts/test.sh runs bootstrap): it holds the pinned dependencies, and the
@@ -82,8 +82,8 @@ def soak(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """The benchmarks (bench/run.py) with their table and JSON; `-- --quick` for a short run."""
+    """The benchmarks (python -m bench.run) with their table and JSON; `-- --quick` for short."""
     session.run(f"{VENV}/python", "scripts/build_zipapp.py", "-o", "build/fusermount3",
                 external=True)  # fmt: skip
     session.run("bash", "scripts/build_fuse_examples.sh", external=True)
-    session.run(f"{VENV}/python", "bench/run.py", *session.posargs, external=True)
+    session.run(f"{VENV}/python", "-m", "bench.run", *session.posargs, external=True)

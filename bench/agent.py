@@ -1,8 +1,9 @@
 """The benchmarks' process spawner, living in its own mount namespace.
 
-bench/run.py starts it as
+bench/agent_client.py starts it, from the repository's root, as
 
-    unshare --mount --propagation slave <python> -I -S bench/agent.py '<json config>'
+    setpriv --pdeathsig=KILL -- unshare --mount --propagation slave \
+        <python> -E -s -S -m bench.agent '<json config>'
 
 so it is root in a mount namespace whose mounts are slaves of the host's: a
 FUSE mount the driver makes on a kubelet target propagates in, and what the
@@ -21,13 +22,15 @@ Set-up, per config:
 
 Then it reads JSON commands, one per line, on stdin and answers one JSON
 line each on stdout. Programs run as uid/gid 65534 with no supplementary
-groups, in their pod's cgroup when one is given (the driver's broker serves
-only processes whose cgroup names the volume's pod, as kubelet places a
-pod's containers). A broker socket is reached through an inherited O_PATH fd
-of its directory ("/proc/self/fd/N/fuse.sock"): the native socket directory
-is below the driver's 0700 state dir, which uid 65534 cannot traverse, and
-this avoids a bind per program. On EOF (or if bench/run.py dies:
-PR_SET_PDEATHSIG) every child is killed.
+groups (through the config's "as_user" command,
+e2e.privileges.as_user_with_setuid_helpers), in their pod's cgroup when one
+is given (the driver's broker serves only processes whose cgroup names the
+volume's pod, as kubelet places a pod's containers). A broker socket is
+reached through an inherited O_PATH fd of its directory
+("/proc/self/fd/N/fuse.sock"): the native socket directory is below the
+driver's 0700 state dir, which uid 65534 cannot traverse, and this avoids a
+bind per program. On EOF every child is killed; if the benchmark dies, the
+parent-death signal kills the agent and then its children.
 """
 
 from __future__ import annotations
@@ -45,9 +48,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import minifuse
+from bench import minifuse
 
 NOBODY = 65534
 SOCKET_ENV = "FUSERMOUNT3PROXY_FDPASSING_SOCKPATH"
@@ -57,7 +58,6 @@ NATIVE_FUSERMOUNT = "/usr/bin/fusermount3"
 MS_BIND = 0x1000
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
-PR_SET_PDEATHSIG = 1
 FUSE_DEV = os.makedev(10, 229)
 MOUNT_WAIT = 5.0
 
@@ -68,13 +68,6 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_ulong,
     ctypes.c_char_p,
-]
-_libc.prctl.argtypes = [
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
 ]
 
 
@@ -95,10 +88,6 @@ def bind(source: str, target: str, read_only: bool = False) -> None:
         mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
 
 
-def set_pdeathsig() -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def join_cgroup(cgroup_procs: str) -> None:
     """Move the calling process into a cgroup (a pod's, for the broker's peer check).
 
@@ -108,21 +97,6 @@ def join_cgroup(cgroup_procs: str) -> None:
     os.makedirs(os.path.dirname(cgroup_procs), exist_ok=True)
     with open(cgroup_procs, "w", encoding="ascii") as procs:
         procs.write("0")
-
-
-def become_pod_process(cgroup_procs: str) -> None:
-    """In the child before exec: join the pod's cgroup as root, then become 65534.
-
-    Runs in the forked child (the agent is single-threaded while it spawns):
-    the cgroup must be joined before the uid changes, which Popen's own
-    user=/group= would do before any preexec_fn.
-    """
-    if cgroup_procs:
-        join_cgroup(cgroup_procs)
-    os.setgroups([])
-    os.setresgid(NOBODY, NOBODY, NOBODY)
-    os.setresuid(NOBODY, NOBODY, NOBODY)
-    set_pdeathsig()
 
 
 def set_up(config: dict[str, Any]) -> None:
@@ -188,8 +162,11 @@ def recv_fd(sock: socket.socket) -> int:
 class Agent:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
+        self.as_user: list[str] = config["as_user"]
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.log = open(config["log"], "ab")  # noqa: SIM115
+        # P1's timed helpers become 65534 through Popen itself: a setpriv
+        # exec would add its own start-up to every timed spawn.
         self.common: dict[str, Any] = {
             "user": NOBODY,
             "group": NOBODY,
@@ -217,12 +194,17 @@ class Agent:
         if cmd.get("capture"):
             kwargs["stdout"] = subprocess.PIPE
         cgroup_procs = cmd.get("cgroup_procs") or ""
+        # The pod's cgroup is joined in the forked child, as root (moving a
+        # process needs write access to the cgroup, which 65534 lacks); the
+        # agent is single-threaded while it spawns. setpriv then drops to
+        # 65534 and execs the program.
+        join = (lambda: join_cgroup(cgroup_procs)) if cgroup_procs else None
         try:
             child = subprocess.Popen(
-                cmd["argv"],
+                [*self.as_user, *cmd["argv"]],
                 env=env,
                 pass_fds=fds,
-                preexec_fn=lambda: become_pod_process(cgroup_procs),  # noqa: PLW1509
+                preexec_fn=join,  # noqa: PLW1509
                 **kwargs,
             )
         finally:
@@ -435,7 +417,8 @@ class Agent:
 
 
 def main() -> None:
-    set_pdeathsig()
+    # setpriv armed the parent-death signal before exec'ing unshare and then
+    # this; a parent that died before that left us to init.
     if os.getppid() == 1:
         sys.exit(1)  # the parent is already gone
     config = json.loads(sys.argv[1])

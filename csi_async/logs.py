@@ -28,24 +28,6 @@ PEER_UID = "peer_uid"
 PEER_GID = "peer_gid"
 ERROR = "error"
 
-POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
-POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
-POD_NAME_KEY = "csi.storage.k8s.io/pod.name"
-# Bound service-account tokens; kubelet may put them in volume_context.
-TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
-
-
-def pod_fields(context: Mapping[str, str]) -> dict[str, str]:
-    fields = {}
-    for log_key, context_key in (
-        (POD_UID, POD_UID_KEY),
-        (POD_NAMESPACE, POD_NAMESPACE_KEY),
-        (POD_NAME, POD_NAME_KEY),
-    ):
-        if context_key in context:
-            fields[log_key] = context[context_key]
-    return fields
-
 
 class JsonFormatter(logging.Formatter):
     """Formats records as JSON; extra fields come from `extra={"fields": {...}}`."""

@@ -16,14 +16,14 @@ from grpclib.server import Server
 
 from csi_async import __version__, logs, metrics
 from csi_async.broker.limits import BrokerLimits
-from csi_async.broker.policy import NodePolicy
 from csi_async.config import Settings
 from csi_async.csi import unimplemented
 from csi_async.csi.identity import IdentityService
 from csi_async.csi.node import NodeService
-from csi_async.csi.requests import validate_publish
+from csi_async.csi.requests import RecordValidator
 from csi_async.csi.rpc import in_flight
-from csi_async.volumes import VolumeManager
+from csi_async.policy.node import NodePolicy
+from csi_async.volumes.registry import VolumeManager
 
 log = logging.getLogger("csi_async.server")
 
@@ -95,9 +95,7 @@ async def serve(settings: Settings) -> None:
         )
         unimplemented.install(server)
         # Volumes published before a restart listen again before Probe says ready.
-        restored = await volumes.restore(
-            lambda record: validate_publish(record.request(), str(settings.kubelet_root), policy)
-        )
+        restored = await volumes.restore(RecordValidator(str(settings.kubelet_root), policy))
         sock = _bind_endpoint(settings.socket_path)
         await server.start(sock=sock)
         ready = True

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from csi_async.mount.mountinfo import mounts_at_or_below
 from e2e.kubelet import Pod
+from e2e.mounts import mounts_at_or_below
 from e2e.node import Node
 
 T = TypeVar("T")

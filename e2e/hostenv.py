@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from csi_async.mount.mountinfo import MountEntry as MountInfo
-from csi_async.mount.mountinfo import mounts_at_or_below
+from e2e.mounts import mounts_at_or_below
 from e2e.sandbox_init import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOSUID, MS_SHARED, mount, umount2
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.

@@ -65,8 +65,8 @@ from csi_async._proto.csi.v1 import (
     VolumeCapabilityAccessModeMode,
     VolumeCapabilityMountVolume,
 )
-from csi_async.mount.mountinfo import is_mount_point
 from e2e.csi_client import CsiClient
+from e2e.mounts import is_mount_point
 
 M = TypeVar("M", bound=betterproto2.Message)
 T = TypeVar("T")

@@ -38,8 +38,10 @@ view and then execs the program as an unprivileged user:
 * volume binds {container path: host path}, recursive, created on top of the
   tmpfs mounts above or onto paths that already exist; a container path
   whose creation would write to the host is refused;
-* then: setgroups([]), uid/gid (default 65534), empty capability sets
-  including the bounding and ambient sets, no_new_privs, exec.
+* then one exec of util-linux's setpriv (`e2e.privileges.as_pod_user`), which
+  becomes uid/gid (default 65534) with no supplementary groups, empty
+  capability sets including the bounding and ambient sets and no_new_privs,
+  and execs the program.
 
 `binds` and `ro_binds` are made with the `propagation` given to PodSandbox,
 HostToContainer unless told otherwise (what the existing callers assume);
@@ -80,7 +82,7 @@ from types import TracebackType
 from typing import Any
 
 from csi_async.mount.mountinfo import MountEntry, read_mountinfo
-from e2e import sandbox_init
+from e2e import privileges, sandbox_init
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_TMPFS = ("/tmp", "/run")
@@ -355,7 +357,7 @@ class PodSandbox:
         `mounts` carry their own (None by default, as in a pod spec).
 
         `die_with_parent` SIGKILLs a container when the *thread* that spawned
-        it exits (prctl PR_SET_PDEATHSIG via setpriv), so a test runner that is
+        it exits (`e2e.privileges.dying_with_parent`), so a test runner that is
         itself SIGKILLed leaves no containers; do not use it when spawning from
         short-lived threads.
         """
@@ -416,11 +418,8 @@ class PodSandbox:
         if unshare is None:
             raise FileNotFoundError("unshare (util-linux) is not installed")
         self._unshare = unshare
-        self._setpriv: str | None = None
-        if die_with_parent:
-            self._setpriv = shutil.which("setpriv")
-            if self._setpriv is None:
-                raise FileNotFoundError("setpriv (util-linux) is needed for die_with_parent")
+        self._drop_privileges = privileges.as_pod_user(uid, gid)
+        self._dying_with_parent = privileges.dying_with_parent() if die_with_parent else []
         self.containers: list[Container] = []
 
     @staticmethod
@@ -462,8 +461,7 @@ class PodSandbox:
         return {
             "argv": list(argv),
             "env": dict(self.env),
-            "uid": self.uid,
-            "gid": self.gid,
+            "drop_privileges": list(self._drop_privileges),
             "cwd": self.cwd,
             "umask": self.umask,
             "tmpfs": list(self.tmpfs),
@@ -521,9 +519,8 @@ class PodSandbox:
 
     def command(self, argv: Sequence[str], ready_fd: int = -1) -> list[str]:
         """The host command line that runs `argv` in a new container."""
-        prefix = [] if self._setpriv is None else [self._setpriv, "--pdeathsig", "KILL", "--"]
         return [
-            *prefix,
+            *self._dying_with_parent,
             self._unshare,
             "--mount",
             "--propagation",

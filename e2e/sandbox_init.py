@@ -1,4 +1,4 @@
-"""First process of a PodSandbox container: set up mounts, drop privileges, exec.
+"""First process of a PodSandbox container: set up mounts, then exec the program unprivileged.
 
 `e2e.sandbox.PodSandbox` runs this as
 
@@ -24,9 +24,18 @@ container's mount namespace once the binds are made: a runc container has
 pivot_root'ed away from the host's mount tree, so it holds no copy of the
 kubelet root or of other pods' mounts, only its own binds.
 
+The last step is one exec: of the spec's `drop_privileges` command
+(`e2e.privileges.as_pod_user`, util-linux's setpriv) followed by the
+program. setpriv becomes the pod's user with no capabilities and
+no_new_privs, then execs the program: the program never runs privileged,
+and no code of ours runs between the drop and the program. The working
+directory and umask are set before, as root (runc, too, tries the chdir as
+root first), and the ready byte is written just before that exec, so the
+container counts as started while setpriv drops, before the program runs.
+
 Exit status when the program could not be started: 125 (setup failed), 126
 (found but not executable), 127 (not found) — the same convention as
-podman/docker.
+podman/docker, and setpriv's.
 """
 
 from __future__ import annotations
@@ -52,13 +61,6 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 
-PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
 EXIT_SETUP_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
@@ -76,7 +78,6 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 
 
 # runc's propagation options (the OCI mount options containerd writes).
@@ -96,8 +97,9 @@ class BindSpec(TypedDict):
 class Spec(TypedDict):
     argv: list[str]
     env: dict[str, str]
-    uid: int
-    gid: int
+    # The command that becomes the pod's user and execs the rest of its
+    # command line (argv): e2e.privileges.as_pod_user(uid, gid).
+    drop_privileges: list[str]
     cwd: str
     umask: int
     tmpfs: list[str]
@@ -108,7 +110,7 @@ class Spec(TypedDict):
     # Host mount points to detach from the container's view (see above).
     hide: list[str]
     # Written to (one byte) and closed once the container is set up, just
-    # before the exec, like runc's exec fifo; -1 for none.
+    # before the exec (of drop_privileges), like runc's exec fifo; -1 for none.
     ready_fd: int
 
 
@@ -137,42 +139,6 @@ def umount2(target: str, flags: int = 0) -> None:
     """umount2(2)."""
     if _libc.umount2(_b(target), flags) != 0:
         _raise_errno(f"umount {target!r}")
-
-
-def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    res: int = _libc.prctl(option, arg2, arg3, arg4, arg5)
-    if res < 0:
-        _raise_errno(f"prctl({option})")
-    return res
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
-def clear_capability_sets() -> None:
-    """Empty the effective, permitted and inheritable sets via capset(2).
-
-    setresuid() to a non-zero uid already empties effective/permitted/ambient,
-    but leaves the inheritable set alone.
-    """
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capset(ctypes.byref(header), data) != 0:
-        _raise_errno("capset")
-
-
-def last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-        return int(f.read())
 
 
 def _unescape(field: str) -> str:
@@ -335,21 +301,6 @@ def setup(spec: Spec) -> None:
     _detach_hidden(hidden)
 
 
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become an unprivileged pod user with no way back to any capability."""
-    for cap in range(last_cap() + 1):
-        prctl(PR_CAPBSET_DROP, cap)
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    clear_capability_sets()
-    # The kernel clears the parent-death signal when the euid changes; re-arm
-    # it so that killing `unshare` still kills this namespace's PID 1.
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
-
-
 def _reset_signals() -> None:
     # Python ignores SIGPIPE and SIGXFSZ, and ignored dispositions survive
     # execve; a container process must start with defaults.
@@ -382,22 +333,25 @@ def main(argv: list[str]) -> int:
             with open(spec["cgroup_procs"], "w", encoding="ascii") as procs:
                 procs.write("0")  # "0" means the writing process itself
         setup(spec)
-        drop_privileges(spec["uid"], spec["gid"])
         os.umask(spec["umask"])
         os.chdir(spec["cwd"])
+        if not spec["drop_privileges"]:
+            raise SetupError("no drop_privileges command: a container's program never runs as root")
+        command = [*spec["drop_privileges"], *spec["argv"]]
         _reset_signals()
         _signal_ready(spec.get("ready_fd", -1))
     except (OSError, SetupError, KeyError, ValueError) as e:
         print(f"sandbox_init: {e}", file=sys.stderr, flush=True)
         return EXIT_SETUP_FAILED
-    program = spec["argv"]
+    # setpriv looks the program up in the PATH of this environment, and
+    # reports a missing or non-executable program itself (127, 126).
     try:
-        os.execvpe(program[0], program, spec["env"])
+        os.execvpe(command[0], command, spec["env"])
     except FileNotFoundError as e:
-        print(f"sandbox_init: exec {program[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        print(f"sandbox_init: exec {command[0]}: {e.strerror}", file=sys.stderr, flush=True)
         return EXIT_NOT_FOUND
     except OSError as e:
-        print(f"sandbox_init: exec {program[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        print(f"sandbox_init: exec {command[0]}: {e.strerror}", file=sys.stderr, flush=True)
         return EXIT_NOT_EXECUTABLE
 
 

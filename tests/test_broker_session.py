@@ -14,7 +14,6 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
-import inspect
 import json
 import logging
 import os
@@ -35,15 +34,18 @@ from typing import Any
 import anyio
 import pytest
 
-import csi_async.broker.volume_broker as volume_broker_module
+import csi_async.broker.lifecycle as lifecycle_module
+import csi_async.broker.session as session_module
 from csi_async.broker import framing, sockets, wire
 from csi_async.broker.fuse_waits import FuseWaits, NoSlot, Outcome
 from csi_async.broker.limits import BrokerLimits
-from csi_async.broker.policy import NodePolicy
-from csi_async.broker.volume_broker import VolumeBroker, VolumeTarget
-from csi_async.csi.requests import ephemeral_volume_id
+from csi_async.broker.listener import VolumeBroker
+from csi_async.broker.mount_records import MountRecords
+from csi_async.broker.session import Session
+from csi_async.broker.target import VolumeTarget
+from csi_async.kubelet.volume_context import ephemeral_volume_id
 from csi_async.mount.paths import PinnedRoot
-from csi_async.state import StateStore
+from csi_async.policy.node import NodePolicy
 from fusermount3_proxy import protocol
 
 Answer = dict[str, Any]
@@ -174,7 +176,7 @@ class Node:
         relative = f"pods/{pod_uid}/volumes/kubernetes.io~csi/{name}/mount"
         target = VolumeTarget(
             relative=relative,
-            absolute=self.root.absolute(relative),
+            absolute=f"{self.kubelet}/{relative}",
             pod_uid=pod_uid,
             pod_namespace="default",
             pod_name="app",
@@ -197,11 +199,7 @@ class Node:
 
 
 def new_broker(state_dir: Path, **arguments: Any) -> VolumeBroker:
-    # Work in progress gives VolumeBroker a StateStore (mount records); hand
-    # it one when its signature asks for it, so these tests run either way.
-    if "store" in inspect.signature(VolumeBroker).parameters:
-        arguments["store"] = StateStore(state_dir)
-    return VolumeBroker(**arguments)
+    return VolumeBroker(mount_records=MountRecords(state_dir), **arguments)
 
 
 @pytest.fixture
@@ -289,14 +287,14 @@ def _hung_up(answer: Answer | None) -> None:
 # (where, attribute, is a method, what the failing connection gets)
 INJECTIONS: dict[str, tuple[object, str, bool, Callable[[Answer | None], None]]] = {
     "budget": (BrokerLimits, "open_connection", True, _internal_error),
-    "peer lookup": (volume_broker_module, "peer_of", False, _internal_error),
+    "peer lookup": (session_module, "peer_of", False, _internal_error),
     "framing": (framing, "read_request_body", False, _internal_error),
     "validation": (wire, "parse_request", False, _internal_error),
-    "peer check": (VolumeBroker, "_check_peer", True, _internal_error),
+    "peer check": (Session, "_check_peer", True, _internal_error),
     # The refusal itself fails: the connection is closed unanswered.
-    "refusal": (VolumeBroker, "_refuse", True, _hung_up),
+    "refusal": (Session, "_refuse", True, _hung_up),
     # The answer went out; writing its audit line fails afterwards.
-    "audit": (VolumeBroker, "_audit", True, answered_einval),
+    "audit": (Session, "_audit", True, answered_einval),
     "response encoding": (wire, "response_frame", False, _hung_up),
 }
 
@@ -640,7 +638,7 @@ async def test_a_busy_node_answers_eagain_after_the_slot_wait(
 ) -> None:
     # The node-wide slots still bound the mount syscalls: with all of them
     # taken, a MOUNT waits SLOT_WAIT and is told to try again.
-    monkeypatch.setattr(volume_broker_module, "SLOT_WAIT", 0.2)
+    monkeypatch.setattr(lifecycle_module, "SLOT_WAIT", 0.2)
     limits = BrokerLimits(node_wide=anyio.CapacityLimiter(1))
     node = Node(kubelet_root, socket_root, limits)
     volume = node.volume(new_pod())

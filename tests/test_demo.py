@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from csi_async.mount.mountinfo import mounts_at_or_below
+from e2e.mounts import mounts_at_or_below
 
 
 def test_the_demo_narrates_every_step_and_cleans_up(zipapp: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "e2e", "demo", "--zipapp", str(zipapp)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -37,7 +37,7 @@ def test_a_failing_demo_exits_non_zero(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     result = subprocess.run(
         [sys.executable, "-m", "e2e", "demo", "--zipapp", str(broken)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert result.returncode == 1
     assert "demo failed" in result.stderr

@@ -24,9 +24,10 @@ import grpc
 import pytest
 
 from csi_async._proto.csi.v1 import NodeServiceCapabilityRpcType, VolumeCapabilityAccessModeMode
-from csi_async.mount.mountinfo import is_mount_point, mounts_at_or_below, read_mountinfo
+from csi_async.mount.mountinfo import read_mountinfo
 from e2e.hostenv import KubeletRoot, lazy_umount, mount_tmpfs
 from e2e.kubelet import CsiError, KubeletEmulator, Pod, StillMountedError
+from e2e.mounts import is_mount_point, mounts_at_or_below
 from e2e.sandbox import (
     EXIT_NOT_FOUND,
     EXIT_SETUP_FAILED,

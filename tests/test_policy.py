@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csi_async.broker.policy import NodePolicy, OptionRefused, plan_mount
 from csi_async.mount import syscalls as sc
+from csi_async.policy.node import NodePolicy
+from csi_async.policy.options import OptionRefused, plan_mount
 from fusermount3_proxy.protocol import split_options
 
 

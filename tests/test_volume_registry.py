@@ -26,12 +26,15 @@ import pytest
 
 from csi_async.broker import sockets
 from csi_async.broker.limits import BrokerLimits
-from csi_async.broker.policy import NodePolicy
-from csi_async.broker.volume_broker import VolumeBroker
-from csi_async.csi.requests import PublishSpec, parse_target_path, validate_publish
+from csi_async.broker.listener import VolumeBroker
+from csi_async.csi.requests import validate_publish
+from csi_async.kubelet.target_path import parse_target_path
 from csi_async.mount.mountinfo import mounts_at
-from csi_async.state import StateStore, VolumeRecord
-from csi_async.volumes import PublishFailed, VolumeManager
+from csi_async.policy.node import NodePolicy
+from csi_async.volumes.errors import PublishFailed
+from csi_async.volumes.registry import VolumeManager
+from csi_async.volumes.spec import PublishSpec
+from csi_async.volumes.state import StateStore, VolumeRecord
 from tests.helpers import publish_request
 
 POLICY = NodePolicy(require_pod_cgroup=False)

@@ -1,8 +1,9 @@
-"""Who is on the other end of a broker socket, and may they use it?
+"""Who is on the other end of a broker socket: its credentials and the pod it runs in.
 
 The socket's placement already limits who can reach it (only the pod it was
-made for sees it). This check is the second line: the connecting process
-must run in that pod's cgroup.
+made for sees it). The second line is the peer rule (csi_async.policy.peer):
+the connecting process must run in that pod's cgroup. This module finds
+which pod that is.
 
 kubelet (with the default --cgroups-per-qos) puts every container of a pod
 below one cgroup per pod, at a fixed depth under its "kubepods" cgroup:

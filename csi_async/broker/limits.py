@@ -41,7 +41,7 @@ class BrokerLimits:
     # Open connections per pod UID; only touched on the event loop.
     _by_pod: dict[str, int] = field(default_factory=dict)
     # Device minors of FUSE superblocks that brokers let go, by owner (the
-    # target path), for healing consumers (see VolumeBroker._heal_consumers).
+    # target path), for healing consumers (see MountLifecycle._heal_consumers).
     _gone: dict[int, str] = field(default_factory=dict)
 
     def remember_gone(self, minor: int, owner: str) -> None:

@@ -10,11 +10,13 @@ from grpclib import GRPCError
 from grpclib.const import Status
 
 from csi_async._proto.csi import v1 as csi
-from csi_async.broker.policy import NodePolicy
-from csi_async.csi.requests import InvalidRequest, validate_publish, validate_unpublish
+from csi_async.csi.requests import validate_publish, validate_unpublish
 from csi_async.csi.rpc import rpc
-from csi_async.state import VolumeRecord
-from csi_async.volumes import PublishFailed, VolumeBusy, VolumeConflict, VolumeManager
+from csi_async.kubelet.errors import InvalidRequest
+from csi_async.policy.node import NodePolicy
+from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict
+from csi_async.volumes.registry import VolumeManager
+from csi_async.volumes.state import VolumeRecord
 
 
 class NodeService(csi.NodeBase):

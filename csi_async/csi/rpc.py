@@ -19,6 +19,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 
 from csi_async import logs, metrics
+from csi_async.kubelet.volume_context import pod_fields
 
 log = logging.getLogger("csi_async.rpc")
 
@@ -38,7 +39,7 @@ def request_fields(message: object) -> dict[str, Any]:
         fields[logs.TARGET] = target
     context = getattr(message, "volume_context", None)
     if context:
-        fields.update(logs.pod_fields(context))
+        fields.update(pod_fields(context))
     return fields
 
 

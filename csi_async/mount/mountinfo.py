@@ -7,7 +7,6 @@ that may be hung or hostile.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -37,10 +36,6 @@ class MountEntry:
     @property
     def is_fuse(self) -> bool:
         return self.fstype == "fuse" or self.fstype.startswith("fuse.")
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.mount_options
 
     @property
     def shared(self) -> bool:
@@ -92,31 +87,3 @@ def mounts_at(path: str, table: list[MountEntry] | None = None) -> list[MountEnt
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         lines = [line for line in f.read().splitlines() if needle in line]
     return [e for e in map(parse_line, lines) if e.mount_point == path]
-
-
-def find_mount(mount_id: int, table: list[MountEntry] | None = None) -> MountEntry | None:
-    entries = read_mountinfo() if table is None else table
-    for entry in entries:
-        if entry.mount_id == mount_id:
-            return entry
-    return None
-
-
-def mounts_at_or_below(top: str | os.PathLike[str], pid: int | str = "self") -> list[MountEntry]:
-    """Mounts whose mount point is `top` (canonical) or lies under it."""
-    top_s = os.fspath(top).rstrip("/") or "/"
-    prefix = top_s if top_s == "/" else top_s + "/"
-    return [
-        m for m in read_mountinfo(pid) if m.mount_point == top_s or m.mount_point.startswith(prefix)
-    ]
-
-
-def is_mount_point(path: str | os.PathLike[str], pid: int | str = "self") -> bool:
-    """Whether anything is mounted on `path`, decided from mountinfo alone.
-
-    Only the parent is canonicalised: resolving `path` itself would stat the
-    root of whatever is mounted there.
-    """
-    head, tail = os.path.split(os.fspath(path).rstrip("/"))
-    canonical = os.path.join(os.path.realpath(head), tail)
-    return any(m.mount_point == canonical for m in read_mountinfo(pid))

@@ -41,9 +41,6 @@ class PinnedRoot:
             resolve &= ~sc.RESOLVE_NO_XDEV
         return sc.openat2(self.fd, relative, _DIR_FLAGS, resolve)
 
-    def absolute(self, relative: str) -> str:
-        return f"{self.path}/{relative}" if self.path != "/" else f"/{relative}"
-
 
 def make_directory(parent_fd: int, name: str, mode: int) -> bool:
     """Create one directory entry in a pinned parent; False if it already existed.
@@ -86,8 +83,3 @@ def entry_kind(parent_fd: int, name: str) -> int | None:
         return stat.S_IFMT(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return None
-
-
-def require_directory(fd: int) -> None:
-    if not stat.S_ISDIR(os.fstat(fd).st_mode):
-        raise OSError(errno.ENOTDIR, "not a directory")

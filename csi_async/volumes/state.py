@@ -4,11 +4,12 @@ One JSON file per published target under <state-dir>/volumes, written
 atomically (temporary file, fsync, rename, fsync of the directory). A record
 holds the NodePublishVolume arguments that matter, never secrets or tokens;
 on start-up each one is validated again, exactly like a new request.
+Beside them, in <state-dir>/mounts, the brokers keep their mount records
+(csi_async.broker.mount_records); a volume's go when the volume does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,9 +18,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from csi_async import logs
 from csi_async._proto.csi import v1 as csi
+from csi_async.broker.mount_records import MountRecords, record_file_name
+from csi_async.kubelet.volume_context import without_tokens
 
+# The logger of every record the driver keeps (docs/operations.md).
 log = logging.getLogger("csi_async.state")
 
 
@@ -47,9 +50,7 @@ class VolumeRecord(BaseModel):
             access_mode=int(capability.access_mode.mode),
             fs_type=capability.mount.fs_type,
             mount_flags=list(capability.mount.mount_flags),
-            volume_context={
-                k: v for k, v in request.volume_context.items() if k != logs.TOKENS_KEY
-            },
+            volume_context=without_tokens(request.volume_context),
         )
 
     def request(self) -> csi.NodePublishVolumeRequest:
@@ -69,34 +70,14 @@ class VolumeRecord(BaseModel):
         )
 
 
-class MountRecord(BaseModel):
-    """A live FUSE mount a broker made, so a restarted driver manages it the same way.
-
-    The token is what the program's auto-unmount watcher (or the starter)
-    will name in its UNMOUNT; the daemons are the processes whose exit means
-    the mount may be dead, each as (pid, start time in clock ticks since
-    boot) so that a recycled pid is never mistaken for the daemon.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: Literal[1] = 1
-    target_path: str
-    token: int
-    # The FUSE superblock's device minor: the adopted mount must be this one.
-    minor: int
-    daemons: list[tuple[int, int]]
-
-
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "volumes"
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.mounts = state_dir / "mounts"
-        self.mounts.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.mounts = MountRecords(state_dir)
 
     def _path(self, target_path: str) -> Path:
-        return self.directory / (hashlib.sha256(target_path.encode()).hexdigest()[:32] + ".json")
+        return self.directory / record_file_name(target_path)
 
     def save(self, record: VolumeRecord) -> None:
         path = self._path(record.target_path)
@@ -112,7 +93,7 @@ class StateStore:
         self._sync_directory()
 
     def remove(self, target_path: str) -> None:
-        self.remove_mount(target_path)
+        self.mounts.remove(target_path)
         try:
             self._path(target_path).unlink()
         except FileNotFoundError:
@@ -131,36 +112,10 @@ class StateStore:
                 # never guessed at.
                 log.error("unreadable volume record %s: %s", path, type(err).__name__)
                 unreadable.append(path.name)
-        for stale in [*self.directory.glob("*.tmp*"), *self.mounts.glob("*.tmp*")]:
+        for stale in self.directory.glob("*.tmp*"):
             stale.unlink(missing_ok=True)  # a write that never finished
+        self.mounts.remove_unfinished()
         return records, unreadable
-
-    # Mount records: written on every MOUNT and removed when the mount goes.
-    # Atomic (write, rename) but not fsynced: they only have to survive a
-    # crash of the driver process, which the page cache does; after a node
-    # crash there is no FUSE mount left to describe.
-
-    def _mount_path(self, target_path: str) -> Path:
-        return self.mounts / self._path(target_path).name
-
-    def save_mount(self, record: MountRecord) -> None:
-        path = self._mount_path(record.target_path)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_bytes(record.model_dump_json().encode())
-        os.replace(temporary, path)
-
-    def remove_mount(self, target_path: str) -> None:
-        self._mount_path(target_path).unlink(missing_ok=True)
-
-    def load_mount(self, target_path: str) -> MountRecord | None:
-        path = self._mount_path(target_path)
-        try:
-            return MountRecord.model_validate(json.loads(path.read_bytes()))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, ValidationError) as err:
-            log.error("unreadable mount record %s: %s", path, type(err).__name__)
-            return None
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -7,18 +7,19 @@ Two kinds of volume:
   bind of the broker-owned directory holding that FUSE volume's socket.
 
 The socket lives either in that broker-owned directory (native mode, the
-default) or in the pod's emptyDir (meta-fuse-csi-plugin compatibility).
+default) or in the pod's emptyDir (meta-fuse-csi-plugin compatibility);
+socket_dirs.py says where, targets.py makes and removes target directories,
+state.py keeps the records. This module is the table of what is published
+and the order in which each publish, unpublish and restore happens.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -27,40 +28,36 @@ import anyio.to_thread
 from csi_async import logs, metrics
 from csi_async.broker import audit, sockets
 from csi_async.broker.limits import BrokerLimits
-from csi_async.broker.policy import NodePolicy
-from csi_async.broker.volume_broker import VolumeBroker, VolumeTarget
-from csi_async.csi.requests import InvalidRequest, PublishSpec, TargetPath
-from csi_async.mount import fuse
-from csi_async.mount.mountinfo import MountEntry, mounts_at
-from csi_async.mount.paths import (
-    PinnedRoot,
-    entry_kind,
-    make_directory,
-    open_child_dir,
-    remove_directory,
+from csi_async.broker.listener import VolumeBroker
+from csi_async.broker.target import VolumeTarget
+from csi_async.kubelet.errors import InvalidRequest
+from csi_async.kubelet.target_path import TargetPath
+from csi_async.mount.paths import PinnedRoot
+from csi_async.policy.node import NodePolicy
+from csi_async.volumes import targets
+from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict
+from csi_async.volumes.socket_dirs import (
+    SocketDirs,
+    native_dir_owner,
+    remove_empty_dirs,
+    socket_name,
+    uses_native_dir,
 )
-from csi_async.state import StateStore, VolumeRecord
+from csi_async.volumes.spec import PublishSpec
+from csi_async.volumes.state import StateStore, VolumeRecord
 
+# The registry's logger: operators filter on it (docs/operations.md).
 log = logging.getLogger("csi_async.volumes")
 
-NATIVE_SOCKET_NAME = "fuse.sock"
-# World-readable: before the FUSE mount covers it, the pod's FUSE program
-# (any uid) must be able to list it (libfuse2 checks that it is empty,
-# gocryptfs opens it). The pods directory above it keeps other pods out.
-TARGET_MODE = 0o755
-SOCKET_DIR_MODE = 0o755
 
+class ValidatesRecords(Protocol):
+    """Checks a volume record from before a restart exactly like a new request.
 
-class VolumeBusy(Exception):
-    """Another operation on the same target is in progress (ABORTED)."""
+    Returns what to publish, or raises InvalidRequest when the record no
+    longer passes validation or the node's policy.
+    """
 
-
-class VolumeConflict(Exception):
-    """Already published at this target with other arguments (ALREADY_EXISTS)."""
-
-
-class PublishFailed(Exception):
-    """The node cannot set the volume up right now (FAILED_PRECONDITION)."""
+    def __call__(self, record: VolumeRecord) -> PublishSpec: ...
 
 
 @dataclass(slots=True)
@@ -81,7 +78,7 @@ class VolumeManager:
     ) -> None:
         self._root = PinnedRoot(str(kubelet_root))
         self._store = StateStore(state_dir)
-        self._socket_root = state_dir / "sockets"
+        self._sockets = SocketDirs(state_dir / "sockets", self._root)
         self._policy = policy
         self._limits = limits
         self._tg = task_group
@@ -122,7 +119,7 @@ class VolumeManager:
                 self._volumes[key] = published
                 metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
 
-    async def restore(self, validate: Callable[[VolumeRecord], PublishSpec]) -> int:
+    async def restore(self, validate: ValidatesRecords) -> int:
         """Set up again every volume recorded before a restart; returns how many.
 
         Each record is validated like a new request. The socket is created
@@ -181,12 +178,15 @@ class VolumeManager:
 
     async def _set_up(self, spec: PublishSpec, *, restoring: bool) -> Published:
         target_created, existing = await anyio.to_thread.run_sync(
-            self._make_target, spec.target, restoring
+            targets.make_target, self._root, spec.target, restoring
         )
         try:
             if spec.kind == "socket":
                 if not existing:
-                    await anyio.to_thread.run_sync(self._bind_socket_dir, spec)
+                    assert spec.attributes.socket_for is not None
+                    await anyio.to_thread.run_sync(
+                        self._sockets.bind_onto, spec.target, spec.attributes.socket_for
+                    )
                 return Published(spec)
             broker = await self._new_broker(spec)
             try:
@@ -202,138 +202,15 @@ class VolumeManager:
             return Published(spec, broker)
         except BaseException:
             if target_created:
-                await anyio.to_thread.run_sync(self._remove_target, spec.target)
+                await anyio.to_thread.run_sync(targets.remove_target, self._root, spec.target)
             raise
-
-    def _make_target(self, target: TargetPath, restoring: bool) -> tuple[bool, list[MountEntry]]:
-        """Create the target directory; return (created, mounts already on it).
-
-        A mount already there is refused, except when restoring after a
-        restart, where it is the one this driver made.
-        """
-        try:
-            parent_fd = self._root.open_dir(target.parent_relative)
-        except FileNotFoundError:
-            raise PublishFailed(
-                f"the parent of {target.absolute} does not exist (kubelet creates it)"
-            ) from None
-        except OSError as err:
-            raise PublishFailed(
-                f"the parent of {target.absolute} is not a plain directory: "
-                f"{os.strerror(err.errno or errno.EIO)}"
-            ) from None
-        try:
-            created = make_directory(parent_fd, "mount", TARGET_MODE)
-            existing = mounts_at(target.absolute)
-            if existing and not restoring:
-                raise PublishFailed(
-                    f"{target.absolute} already has a mount this driver did not make"
-                )
-            if not existing:
-                os.close(open_child_dir(parent_fd, "mount"))  # a directory, not a symlink
-            return created, existing
-        except OSError as err:
-            raise PublishFailed(
-                f"cannot create the target {target.absolute}: {os.strerror(err.errno or errno.EIO)}"
-            ) from None
-        finally:
-            os.close(parent_fd)
-
-    def _remove_target(self, target: TargetPath) -> None:
-        if mounts_at(target.absolute):
-            return  # never remove a directory something is still mounted on
-        try:
-            parent_fd = self._root.open_dir(target.parent_relative)
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            if err.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
-                raise
-            # A symlink or a mount where kubelet's directories should be:
-            # nothing of ours is there, and nothing there is ours to touch.
-            log.warning(
-                "target's parent is not a plain directory; leaving it",
-                extra={"fields": {"target_path": target.absolute}},
-            )
-            return
-        try:
-            if entry_kind(parent_fd, "mount") == stat.S_IFLNK:
-                log.warning(
-                    "target is a symlink, not the directory we made; leaving it",
-                    extra={"fields": {"target_path": target.absolute}},
-                )
-                return
-            if not remove_directory(parent_fd, "mount"):
-                # Files were written into the bare directory (e.g. while
-                # nothing was mounted). Keep them; kubelet reports the leftover.
-                log.warning(
-                    "target directory is not empty; leaving it in place",
-                    extra={"fields": {"target_path": target.absolute}},
-                )
-        finally:
-            os.close(parent_fd)
-
-    # ------------------------------------------------------------------ sockets
-
-    def _native_socket_dir(self, pod_uid: str, volume_name: str) -> Path:
-        return self._socket_root / pod_uid / volume_name
-
-    def _ensure_native_socket_dir(self, pod_uid: str, volume_name: str) -> int:
-        # The state dir is broker-owned and unreachable from pods (0700), and
-        # pod_uid / volume_name are validated as a UUID and a DNS label.
-        path = self._native_socket_dir(pod_uid, volume_name)
-        path.parent.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.parent.parent.mkdir(mode=0o711, exist_ok=True)
-        path.parent.mkdir(mode=0o711, exist_ok=True)
-        path.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-    def _bind_socket_dir(self, spec: PublishSpec) -> None:
-        assert spec.attributes.socket_for is not None
-        source_fd = self._ensure_native_socket_dir(spec.target.pod_uid, spec.attributes.socket_for)
-        try:
-            target_fd = self._root.open_dir(spec.target.relative)
-            try:
-                fuse.bind_read_only(source_fd, target_fd)
-            finally:
-                os.close(target_fd)
-        finally:
-            os.close(source_fd)
-
-    def _open_socket_dir(self, spec: PublishSpec) -> int:
-        attrs = spec.attributes
-        if attrs.fd_passing_empty_dir_name is None:
-            return self._ensure_native_socket_dir(spec.target.pod_uid, spec.target.volume_name)
-        # meta-fuse mode: the pod's own emptyDir, which the pod can write to.
-        # The walk refuses symlinks anywhere, and the name is a single
-        # validated component, so no traversal reaches another pod.
-        relative = (
-            f"pods/{spec.target.pod_uid}/volumes/kubernetes.io~empty-dir/"
-            f"{attrs.fd_passing_empty_dir_name}"
-        )
-        try:
-            return self._root.open_dir(relative, cross_mounts=True)
-        except FileNotFoundError:
-            raise PublishFailed(
-                f"emptyDir volume {attrs.fd_passing_empty_dir_name!r} named by "
-                "fdPassingEmptyDirName does not exist in this pod"
-            ) from None
-        except OSError as err:
-            if err.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
-                raise PublishFailed(
-                    f"emptyDir {attrs.fd_passing_empty_dir_name!r} is not a plain directory"
-                ) from None
-            raise PublishFailed(
-                f"cannot open emptyDir {attrs.fd_passing_empty_dir_name!r}: "
-                f"{os.strerror(err.errno or errno.EIO)}"
-            ) from None
 
     async def _new_broker(self, spec: PublishSpec) -> VolumeBroker:
         """A broker listening on the volume's socket, not serving yet."""
 
         def bind() -> sockets.BoundSocket:
-            dir_fd = self._open_socket_dir(spec)
-            name = spec.attributes.fd_passing_socket_name or NATIVE_SOCKET_NAME
+            dir_fd = self._sockets.open_for(spec)
+            name = socket_name(spec)
             try:
                 return sockets.listen_in(dir_fd, name)
             except OSError as err:
@@ -363,7 +240,7 @@ class VolumeManager:
             bound=bound,
             policy=self._policy,
             limits=self._limits,
-            store=self._store,
+            mount_records=self._store.mounts,
         )
         return broker
 
@@ -385,41 +262,24 @@ class VolumeManager:
                 await published.broker.close()
             unused = self._unused_native_dir(published.spec)
             if unused is not None:
-                await anyio.to_thread.run_sync(_remove_empty_dirs, unused)
-        await anyio.to_thread.run_sync(self._detach_any_and_remove_target, target)
-
-    def _detach_any_and_remove_target(self, target: TargetPath) -> None:
-        # Whatever is still mounted at the target (a socket-dir bind, or a
-        # FUSE mount left from before a restart) is detached, never walked.
-        for _ in range(16):
-            if not mounts_at(target.absolute):
-                break
-            parent_fd = self._root.open_dir(target.parent_relative)
-            try:
-                fuse.detach_path(parent_fd, "mount")
-            finally:
-                os.close(parent_fd)
-        self._remove_target(target)
+                await anyio.to_thread.run_sync(remove_empty_dirs, unused)
+        await anyio.to_thread.run_sync(targets.detach_any_and_remove_target, self._root, target)
 
     def _unused_native_dir(self, spec: PublishSpec) -> Path | None:
         """The native socket dir of this volume, if neither of its two volumes needs it.
 
         Runs on the event loop: the volume table is only read there.
         """
-        owner = spec.attributes.socket_for or spec.target.volume_name
-        if spec.kind == "fuse" and spec.attributes.fd_passing_empty_dir_name is not None:
+        if not uses_native_dir(spec):
             return None
+        owner = native_dir_owner(spec)
         for other in self._volumes.values():
             o = other.spec
-            if o is spec or o.target.pod_uid != spec.target.pod_uid:
+            if o is spec or o.target.pod_uid != spec.target.pod_uid or not uses_native_dir(o):
                 continue
-            if o.kind == "fuse" and o.attributes.fd_passing_empty_dir_name is not None:
-                # A meta-fuse volume keeps its socket in its emptyDir and never
-                # uses the native directory, even when a socketFor names it.
-                continue
-            if (o.attributes.socket_for or o.target.volume_name) == owner:
+            if native_dir_owner(o) == owner:
                 return None  # the other half is still published
-        return self._native_socket_dir(spec.target.pod_uid, owner)
+        return self._sockets.native(spec.target.pod_uid, owner)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -450,12 +310,3 @@ class _Claim:
 
     def __exit__(self, *exc: object) -> None:
         self._busy.discard(self._key)
-
-
-def _remove_empty_dirs(path: Path) -> None:
-    """rmdir a socket dir and its pod dir, stopping at the first that is not empty."""
-    for directory in (path, path.parent):
-        try:
-            directory.rmdir()
-        except OSError:
-            return

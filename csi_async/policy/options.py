@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from csi_async.mount import syscalls as sc
 from csi_async.mount.fuse import FuseMountSpec
+from csi_async.policy.node import NodePolicy
+from fusermount3_proxy.protocol import split_options
 
 # Per-mount flags a pod may toggle: name -> (bit, set or clear).
 _MOUNT_ATTR_OPTIONS: dict[str, tuple[int, bool]] = {
@@ -73,15 +75,6 @@ class OptionRefused(Exception):
         super().__init__(message)
         self.errno = err
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class NodePolicy:
-    """Node-wide mount policy, from the driver's configuration (never from pods)."""
-
-    allow_other: bool = True
-    # The connecting process must run in the volume's pod (its cgroup).
-    require_pod_cgroup: bool = True
 
 
 @dataclass(slots=True)
@@ -156,6 +149,21 @@ def check_options(tokens: list[str], policy: NodePolicy) -> None:
     draft = _Draft()
     for token in tokens:
         _apply(token, draft, policy)
+
+
+def volume_options(mount_options: str, mount_flags: list[str], policy: NodePolicy) -> list[str]:
+    """The options a volume's pod spec asks for, checked; raises OptionRefused.
+
+    mount_options is the mountOptions volume attribute, split exactly as
+    fusermount3 splits -o (the same splitter the zipapp uses); mount_flags
+    are the CSI capability's flags, one option each.
+    """
+    tokens: list[str] = []
+    for item in [*split_options(mount_options), *mount_flags]:
+        # meta-fuse writes options as "o=noexec"; plain "noexec" works too.
+        tokens.append(item.removeprefix("o="))
+    check_options(tokens, policy)
+    return tokens
 
 
 def plan_mount(

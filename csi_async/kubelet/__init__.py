@@ -1,0 +1,1 @@
+"""What kubelet gives the driver, parsed once: target paths, volume contexts, its layout."""

@@ -1,0 +1,21 @@
+"""The node's policy: what the operator decided pods may do, as data.
+
+It comes from the driver's configuration (flags or environment), never from
+a pod. The rules that read it sit beside it: options.py (which mount
+options a pod may use) and peer.py (who may use a volume's broker socket).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class NodePolicy:
+    """Node-wide settings, from the driver's configuration (never from pods)."""
+
+    # Mount with allow_other (and default_permissions), so that other uids
+    # in the pod can read the mount.
+    allow_other: bool = True
+    # The connecting process must run in the volume's pod (its cgroup).
+    require_pod_cgroup: bool = True
