@@ -20,6 +20,7 @@ from csi_async.mount.mountinfo import mounts_at
 from e2e.kubelet import Pod
 from e2e.node import FuseVolume, Node
 from e2e.sandbox import Container, PodSandbox
+from tests.daemon_watch import wait_until_the_watch_is_done
 
 HELLO_TEXT = "Hello World!\n"
 # What a FUSE mount whose daemon is gone answers.
@@ -171,6 +172,9 @@ def test_a_dead_mount_the_broker_could_not_watch_is_replaced_on_the_next_mount(
         time.sleep(0.05)
     daemons = [p for p in container.processes() if _comm(p) == "hello"]
     assert len(daemons) == 1
+    # The broker probes the mount as it sees fusermount3 and the foreground
+    # hello exit; a probe after the kill below would detach the dead mount.
+    wait_until_the_watch_is_done(node, dict(volume.socket_binds), fuse_examples / "hello")
     os.kill(daemons[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
     while True:  # the dead mount stays: reads fail with ENOTCONN

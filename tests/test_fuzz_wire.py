@@ -551,11 +551,21 @@ class LiveBroker:
             time.sleep(0.002)
         return count
 
+    def audit_lines(self) -> int:
+        entries = self.node.driver.log_entries()
+        return sum(1 for entry in entries if entry.get("logger") == "csi_async.audit")
+
     def warm_up(self) -> None:
         """First connection, first refusal, first fds: then take the fd baseline."""
-        for case in (Case("warm-up", (frame(b"{}"),)), Case("warm-up", (b"x",), fds=2)):
+        audited = self.audit_lines()
+        cases = (Case("warm-up", (frame(b"{}"),)), Case("warm-up", (b"x",), fds=2))
+        for case in cases:
             exchange(self.socket_path, case, DEADLINE + 3)
-        time.sleep(0.2)
+        # A connection's audit line is the last thing the broker does with it.
+        deadline = time.monotonic() + DEADLINE
+        while self.audit_lines() < audited + len(cases):
+            assert time.monotonic() < deadline, "the warm-up's audit lines never came"
+            time.sleep(0.01)
         self.baseline_fds = self.driver_fds()
 
     def ensure_running(self) -> None:

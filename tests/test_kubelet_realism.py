@@ -47,6 +47,7 @@ from e2e.pods import (
     kill_processes,
 )
 from e2e.sandbox import HOST_TO_CONTAINER, NONE, Container
+from tests.daemon_watch import wait_until_the_watch_is_done
 
 HELLO_TEXT = "Hello World!\n"
 DATA = "/run/data"
@@ -300,13 +301,19 @@ def test_the_runtime_refuses_to_bind_a_dead_fuse_mount_and_kubelet_backs_off(
     )
     running.wait_running(timeout=60)
     target = node.kubelet.target_path(running.pod, "data")
-    # Once daemonized, the only hello left is the daemon.
+    # Once the shell runs its idle loop, the foreground hello has exited and
+    # the only hello left is the daemon (before its fork, the foreground one
+    # was the only hello too).
     sidecar_container = running.container("fuse")
     running.wait_for(
         "hello to daemonize",
-        lambda: [_comm(p) for p in sidecar_container.processes()].count("hello") == 1,
+        lambda: "sleep" in [_comm(p) for p in sidecar_container.processes()],
         timeout=15,
     )
+    # The broker probes the mount as it sees fusermount3 and the foreground
+    # hello exit; a probe after the kill below would detach the dead mount.
+    socket_dir = node.kubelet.target_path(running.pod, "data-broker")
+    wait_until_the_watch_is_done(node, {"/run/csi-async": socket_dir}, fuse_examples / "hello")
     kill_fuse_daemon(running)
     deadline = time.monotonic() + 15
     while True:

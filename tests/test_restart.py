@@ -82,11 +82,16 @@ def test_a_dead_adopted_mount_is_replaced_by_the_next_mount(
 
 
 def _read_when_served(path: Path, timeout: float = 15.0) -> str:
+    """Read once the new mount serves. Until then the dead mount answers
+    ENOTCONN, and between its detach (by the adopting driver or by the next
+    MOUNT, whichever comes first) and the new mount the bare directory
+    answers ENOENT."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             return path.read_text()
         except OSError as err:
-            if err.errno not in (errno.ENOTCONN, errno.ECONNABORTED) or time.monotonic() > deadline:
+            transient = (errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT)
+            if err.errno not in transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
