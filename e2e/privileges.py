@@ -36,18 +36,9 @@ def as_pod_user(uid: int, gid: int) -> list[str]:
     in any set (bounding and ambient included), no_new_privs, SIGKILL when its
     parent dies. What Pod Security "restricted" leaves a container, and what
     runc's finalizeNamespace does before it execs the container's program."""
-    return [
-        setpriv(),
-        f"--reuid={uid}",
-        f"--regid={gid}",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--ambient-caps=-all",
-        "--bounding-set=-all",
-        "--no-new-privs",
-        "--pdeathsig=KILL",
-        "--",
-    ]
+    # The setuid-helper user's drops, plus the two that disarm setuid programs.
+    *drops, end = as_user_with_setuid_helpers(uid, gid)
+    return [*drops, "--bounding-set=-all", "--no-new-privs", end]
 
 
 def as_user_with_setuid_helpers(uid: int, gid: int) -> list[str]:

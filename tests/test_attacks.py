@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -336,5 +337,6 @@ def test_a_pod_cannot_mount_through_another_pods_socket(node: Node, fuse_example
         e for e in node.driver.log_entries()
         if e.get("logger") == "csi_async.audit" and e.get("decision") == "refused"
     ]  # fmt: skip
-    assert refusals and refusals[-1]["peer_pid"] > 0
+    # The audit record's peer_pid is the JSON int SO_PEERCRED gave the broker.
+    assert refusals and cast("int", refusals[-1]["peer_pid"]) > 0
     assert refusals[-1]["pod_uid"] == owner.pod.uid

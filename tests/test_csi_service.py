@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from tests.helpers import AccessMode, publish_request, target_path, volume_id
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-def rpc_error(call: object) -> grpc.RpcError:
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
+        call()
     return info.value
 
 
@@ -32,13 +33,15 @@ def rpc_error(call: object) -> grpc.RpcError:
 
 
 def test_get_plugin_info_names_the_driver_and_the_package_version(driver: DriverProcess) -> None:
-    info = driver.client.call("/csi.v1.Identity/GetPluginInfo", csi.GetPluginInfoRequest())
+    info: csi.GetPluginInfoResponse = driver.client.call(
+        "/csi.v1.Identity/GetPluginInfo", csi.GetPluginInfoRequest()
+    )
     assert info.name == "fuse.csi-async.dev"
     assert info.vendor_version == version("csi-async")
 
 
 def test_plugin_capabilities_never_include_a_controller(driver: DriverProcess) -> None:
-    caps = driver.client.call(
+    caps: csi.GetPluginCapabilitiesResponse = driver.client.call(
         "/csi.v1.Identity/GetPluginCapabilities", csi.GetPluginCapabilitiesRequest()
     )
     assert caps.capabilities == []
@@ -49,13 +52,17 @@ def test_probe_reports_ready_once_serving(driver: DriverProcess) -> None:
 
 
 def test_node_get_info_reports_the_node_id(driver: DriverProcess) -> None:
-    info = driver.client.call("/csi.v1.Node/NodeGetInfo", csi.NodeGetInfoRequest())
+    info: csi.NodeGetInfoResponse = driver.client.call(
+        "/csi.v1.Node/NodeGetInfo", csi.NodeGetInfoRequest()
+    )
     assert info.node_id == "node-1"
     assert info.max_volumes_per_node == 0
 
 
 def test_node_capabilities_advertise_nothing_unimplemented(driver: DriverProcess) -> None:
-    caps = driver.client.call("/csi.v1.Node/NodeGetCapabilities", csi.NodeGetCapabilitiesRequest())
+    caps: csi.NodeGetCapabilitiesResponse = driver.client.call(
+        "/csi.v1.Node/NodeGetCapabilities", csi.NodeGetCapabilitiesRequest()
+    )
     assert caps.capabilities == []
 
 
@@ -339,7 +346,9 @@ def test_sigterm_exits_zero_and_removes_the_endpoint(tmp_path: Path, kubelet_roo
 def test_settings_come_from_the_environment(tmp_path: Path, kubelet_root: Path) -> None:
     env = {**os.environ, "CSI_ASYNC_DRIVER_NAME": "example.fuse.dev"}
     with DriverProcess(tmp_path, kubelet_root, env=env) as process:
-        info = process.client.call("/csi.v1.Identity/GetPluginInfo", csi.GetPluginInfoRequest())
+        info: csi.GetPluginInfoResponse = process.client.call(
+            "/csi.v1.Identity/GetPluginInfo", csi.GetPluginInfoRequest()
+        )
     assert info.name == "example.fuse.dev"
 
 

@@ -37,7 +37,8 @@ def read_as_other_uid(node: Node, volume: FuseVolume, path: str) -> str:
     reader = node.sandbox({DATA: volume.target}, uid=1000, gid=1000)
     result = reader.run(["cat", f"{DATA}/{path}"], capture_output=True, timeout=15)
     assert result.returncode == 0, result.stderr
-    return result.stdout.decode()
+    stdout: bytes = result.stdout  # captured without text=True
+    return stdout.decode()
 
 
 @pytest.mark.parametrize("mode", ["native", "meta-fuse"])

@@ -59,7 +59,8 @@ def as_other_uid(node: Node, volume: FuseVolume, script: str) -> str:
     other = node.sandbox({DATA: volume.target}, uid=OTHER_UID, gid=OTHER_UID)
     result = other.run(["sh", "-c", script], capture_output=True, timeout=15)
     assert result.returncode == 0, result.stderr
-    return result.stdout.decode()
+    stdout: bytes = result.stdout  # captured without text=True
+    return stdout.decode()
 
 
 def reads_and_writes_through_the_mount(node: Node, volume: FuseVolume, source: Path) -> None:
@@ -167,6 +168,7 @@ def test_sshfs_with_auto_unmount_is_unmounted_by_fusermount3_and_its_watcher_exi
     assert as_other_uid(node, volume, f"cat {DATA}/known.txt") == KNOWN_TEXT
 
     unmount_with_fusermount3(sandbox, volume, node)
+    assert container.stdout is not None  # spawned with stdout=PIPE
     assert container.stdout.readline() == b"0\n"  # sshfs's exit status
     wait_until_gone(container, {"sshfs", "sftp-server", "fusermount3"})
 
@@ -247,6 +249,7 @@ def test_gocryptfs_mounts_through_the_default_socket_with_an_empty_environment_a
     # fusermount3 -u, then exits 15 from its signal handler or 0 from main,
     # whichever of its goroutines gets there first.
     gocryptfs.send_signal(signal.SIGTERM)
+    assert gocryptfs.stderr is not None  # start() pipes it
     assert gocryptfs.wait(15) in (0, 15), gocryptfs.stderr.read().decode()
     node.wait_unmounted(volume.target)
     assert broker_requests(node) == [("mount", "allowed"), ("unmount", "allowed")]
@@ -276,6 +279,7 @@ def test_rclone_mounts_a_local_directory_that_another_uid_reads_and_writes(
     # rclone unmounts on SIGTERM, then exits 143 from its signal handler or
     # 0 from its main goroutine, whichever gets there first.
     rclone.send_signal(signal.SIGTERM)
+    assert rclone.stderr is not None  # start() pipes it
     assert rclone.wait(15) in (0, 128 + signal.SIGTERM), rclone.stderr.read().decode()
     node.wait_unmounted(volume.target)
     assert broker_requests(node) == [("mount", "allowed"), ("unmount", "allowed")]

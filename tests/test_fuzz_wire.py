@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict, cast
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -120,6 +121,16 @@ def frame(
         )
         + body
     )
+
+
+class HeaderFields(TypedDict, total=False):
+    """frame()'s header overrides, so a strategy can build them one by one."""
+
+    magic: bytes
+    version: int
+    kind: int
+    reserved: int
+    length: int
 
 
 ANY_CHAR = st.characters(exclude_categories=())  # surrogates, NUL, unassigned, ...
@@ -313,7 +324,8 @@ def deep_nesting(draw: st.DrawFn) -> Case:
 def policy_refusals(draw: st.DrawFn) -> Case:
     """Schema-valid mounts with at least one option the policy refuses."""
     request = draw(valid_mount())
-    options = list(request["options"])
+    # valid_mount() always puts a list of option strings there.
+    options = list(cast("list[str]", request["options"]))
     options.insert(draw(st.integers(0, len(options))), draw(REFUSED_OPTIONS))
     request["options"] = options
     # ASCII-escaped, so the body is valid UTF-8 whatever the strings hold and
@@ -331,7 +343,7 @@ def bad_headers(draw: st.DrawFn) -> Case:
     wrong = draw(st.sets(st.sampled_from(["magic", "version", "kind", "reserved", "length"]),
                          min_size=1))  # fmt: skip
     body = draw(st.binary(max_size=64) | VALID_REQUESTS.map(lambda r: encode_json(r, True)))
-    fields: dict[str, int | bytes] = {}
+    fields: HeaderFields = {}
     if "magic" in wrong:
         fields["magic"] = draw(st.binary(min_size=4, max_size=4).filter(lambda m: m != b"CSAF"))
     if "version" in wrong:

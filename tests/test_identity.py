@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import overload
 
 import pytest
 
@@ -479,10 +480,17 @@ class _PeerPidfdFails(socket.socket):
 
     failure = errno.ENOPROTOOPT
 
-    def getsockopt(self, level: int, option: int, *args: int) -> int | bytes:  # type: ignore[override]
+    # The same two forms as socket.getsockopt: an int option, or a buffer of buflen bytes.
+    @overload
+    def getsockopt(self, level: int, option: int, /) -> int: ...
+    @overload
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+    def getsockopt(self, level: int, option: int, buflen: int | None = None, /) -> int | bytes:
         if (level, option) == (socket.SOL_SOCKET, SO_PEERPIDFD):
             raise OSError(self.failure, os.strerror(self.failure))
-        return super().getsockopt(level, option, *args)
+        if buflen is None:
+            return super().getsockopt(level, option)
+        return super().getsockopt(level, option, buflen)
 
 
 @pytest.mark.parametrize(

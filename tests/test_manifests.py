@@ -63,7 +63,7 @@ def test_the_command_line_reports_success_and_the_kubernetes_version() -> None:
 
 
 def test_the_pinned_kubernetes_version_is_the_newest_the_schemas_cover() -> None:
-    import kubernetes_validate.utils as kv  # type: ignore[import-untyped]
+    import kubernetes_validate.utils as kv
 
     assert kv.latest_version() == vm.KUBERNETES_VERSION
 

@@ -9,12 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from csi_async.mount import syscalls as sc
+from csi_async.mount.fuse import FuseMountSpec
 from csi_async.policy.node import NodePolicy
 from csi_async.policy.options import OptionRefused, plan_mount
 from fusermount3_proxy.protocol import split_options
 
 
-def plan(program: str = "", volume: str = "", read_only: bool = False, **policy: bool):
+def plan(
+    program: str = "", volume: str = "", read_only: bool = False, **policy: bool
+) -> FuseMountSpec:
     return plan_mount(
         volume_options=split_options(volume),
         program_options=split_options(program),
