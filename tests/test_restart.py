@@ -36,6 +36,10 @@ def test_after_sigkill_and_restart_mounts_serve_and_pending_volumes_mount(
     programs = [start_hello(node, volume, fuse_examples) for volume in live]
     for volume in live:
         node.wait_mounted(volume.target, timeout=60)
+        # Served, not only mounted: the mount shows in mountinfo before the
+        # broker has handed hello the fd, and a driver killed in between
+        # takes the only copy of it along.
+        assert _read_when_served(volume.target / "hello") == HELLO_TEXT
 
     node.driver.stop(signal.SIGKILL)
     node.driver.start()
