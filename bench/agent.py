@@ -159,6 +159,16 @@ def recv_fd(sock: socket.socket) -> int:
     raise RuntimeError(f"the helper sent no fd (got {data!r})")
 
 
+def shebang_argv(path: str, python_args: tuple[str, ...] = ()) -> list[str]:
+    """The script itself, or with python_args what the kernel runs for its "#!" line plus them."""
+    if not python_args:
+        return [path]
+    with open(path, "rb") as script:
+        line = script.readline(256).rstrip(b"\n").removeprefix(b"#!").decode()
+    interpreter, _, argument = line.partition(" ")
+    return [interpreter, *python_args, *([argument] if argument else []), path]
+
+
 class Agent:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -318,7 +328,8 @@ class Agent:
             results["floor"].append(reaped)
 
         def ours(python_args: tuple[str, ...] = (), stderr: Any = None) -> None:
-            argv = [SYSTEM_PYTHON, *python_args, "-IS", zipapp, "-o", opts, "--", cmd["mnt_ours"]]
+            # Exec'd as libfuse execs it, through its "#!" line.
+            argv = [*shebang_argv(zipapp, python_args), "-o", opts, "--", cmd["mnt_ours"]]
             got_fd, reaped, fd = timed_spawn(argv, ours_env, stderr=stderr)
             assert fd is not None
             try:

@@ -5,24 +5,28 @@ description the help, its default the default, its type and bounds the click typ
 config.env_vars its environment variables. click resolves flag > environment > default;
 the model then validates the whole, and a value it refuses is reported like any bad
 option: click's usage error, exit status 2.
+
+Once the settings are read, `serve` execs the process that serves (serve_forever), which
+never imports this module: nothing of the serving stack is imported here.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import annotated_types
-import anyio
 import click
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from csi_async import __version__, logs
+from csi_async import __version__
 from csi_async.config import Settings, env_vars
-from csi_async.server import serve as serve_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -111,6 +115,26 @@ def _settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
         raise click.BadParameter(message, ctx=ctx, param=param) from None
 
 
+# What `serve` execs once the settings are read (see serve_forever).
+SERVING_MODULE = "csi_async.serving"
+
+
+def serve_forever(settings: Settings) -> None:
+    """Become the serving process, `python -m csi_async.serving <settings as JSON>`.
+
+    exec keeps the pid, the open fds (stderr, where logs go) and the environment, and
+    leaves this module behind: click and the options made from Settings are needed
+    only until the settings are read, and the driver lives as long as the node (see
+    csi_async/serving.py). The interpreter's own flags (-X, -I, ...) go along.
+    """
+    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    argv = [sys.executable, *flags, "-m", SERVING_MODULE, settings.model_dump_json()]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Our own interpreter and module, with the settings as one argument: no shell.
+    os.execv(sys.executable, argv)  # noqa: S606
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="csi-async")
 def main() -> None:
@@ -130,6 +154,4 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     Every flag can also come from the environment variable shown; a flag
     wins over the environment. Logs are JSON lines on stderr.
     """
-    settings = _settings(ctx, values)
-    logs.setup(settings.log_level, settings.audit_log)
-    anyio.run(serve_forever, settings)
+    serve_forever(_settings(ctx, values))

@@ -61,6 +61,8 @@ SETTLE_TIMEOUT = 30.0
 # next hands a job to a thread: to compare thread counts, wait that long and
 # then make the driver use a thread (see _quiesce).
 ANYIO_MAX_IDLE = 10.0
+# The driver's threads once quiesced: the event loop's and one idle worker.
+QUIESCED_THREADS = 2
 
 
 class SoakFailure(Exception):
@@ -456,6 +458,7 @@ def _check_leftovers(node: Node, pid: int, report: SoakReport) -> None:
     if report.final_fds > report.baseline_fds:
         report.leftovers.append(f"driver fds {report.baseline_fds} -> {report.final_fds}")
     _quiesce(node)
+    # The workers it pruned take a moment to exit.
     report.final_threads = _settle(lambda: driver_threads(pid), report.baseline_threads, 5.0)
     if report.final_threads > report.baseline_threads:
         report.leftovers.append(
@@ -465,15 +468,17 @@ def _check_leftovers(node: Node, pid: int, report: SoakReport) -> None:
 
 
 def _quiesce(node: Node) -> None:
-    """Let anyio's idle worker threads expire, then make it prune them: publish
-    and unpublish a volume (the driver's mount-table work runs in threads)."""
+    """Leave the driver with exactly one idle worker thread, whatever ran before.
+
+    anyio stops a worker idle for ANYIO_MAX_IDLE only when it next hands a job
+    to a thread, and keeps as many as ran at once: after a publish and an
+    unpublish the registry empties its trash in a thread while the next RPC
+    may be in another. So: let every worker expire, then one RPC that makes
+    exactly one hop at a time (an unpublish of a target that was never
+    published: its tear-down, then the trash pass in the same idle worker).
+    """
     time.sleep(ANYIO_MAX_IDLE + 1)
-    pod = Pod("soak-quiesce")
-    volume = node.publish_fuse_volume(pod)
-    for name in [volume.name, *volume.companion_volumes]:
-        node.unpublish(pod, name)
-    node.kubelet.cleanup_pod_dirs(pod)
-    time.sleep(0.5)  # the pruned threads exit
+    node.kubelet.unpublish(Pod("soak-quiesce"), "never-published", strict=False)
 
 
 def run_soak(
@@ -529,7 +534,10 @@ def _soak(
                 report.failed(f"warm-up ({ending}): {type(err).__name__}: {err}")
         _quiesce(node)
         report.baseline_fds = report.peak_fds = driver_fds(pid)
-        report.baseline_threads = report.peak_threads = driver_threads(pid)
+        # Waits out the workers the quiesce pruned, down to the main thread
+        # and the one worker it leaves (the driver starts no thread of its own).
+        baseline_threads = _settle(lambda: driver_threads(pid), QUIESCED_THREADS, 5.0)
+        report.baseline_threads = report.peak_threads = baseline_threads
         report.baseline_rss_kib = _status_field(pid, "VmRSS")
         show(
             f"soak: {parallel} parallel pods for {duration_s:.0f} s; driver pid {pid}, "

@@ -4,19 +4,27 @@
     fusermount3 --wait ...                       wait.py
     fusermount3 [options] mountpoint             cli.py (fusermount, too)
 
-This runs on every mount, and zipimport compiles every imported module from
-source on every run (twice, in fact), so imports are kept to what each path
-needs. fuser runs "<helper> -h" before each mount: that exact probe, and its
-"-V" sibling, are answered here from output.py without compiling cli.py at
-all; cli.py prints the same texts from there.
+This runs on every mount, and every module imported costs start-up time, so
+imports are kept to what each path needs. fuser runs "<helper> -h" before
+each mount: that exact probe, and its "-V" sibling, are answered here from
+output.py without loading cli.py at all; cli.py prints the same texts from
+there.
+
+The archive's shebang line runs main() through `python3 -c` rather than
+through runpy (scripts/build_zipapp.py says why); `python3 fusermount3`
+reaches it through the archive's __main__.py, with the same result.
 """
 
-# Imports are deferred on purpose, see above.
+# Imports are deferred on purpose, see above; no "from __future__ import
+# annotations" either (it imports a module).
 # ruff: noqa: PLC0415
 
-from __future__ import annotations
-
+import posix
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 def main() -> None:
@@ -35,15 +43,36 @@ def main() -> None:
         from fusermount3_proxy.output import USAGE, write
 
         write(1, USAGE % argv[0])
-        sys.exit(1)
+        _exit(1)
     if argv[1:] in (["-V"], ["--version"]):
         from fusermount3_proxy.output import version_line, write
 
         write(1, version_line())
-        sys.exit(0)
+        _exit(0)
     from fusermount3_proxy import cli
 
-    sys.exit(cli.main(argv))
+    _exit(cli.main(argv))
+
+
+def _exit(status: int) -> "NoReturn":
+    """Exit now, skipping the interpreter's teardown.
+
+    Tearing down what was imported takes longer than the whole mount path
+    once the fd has been handed over, and libfuse waits for the helper to be
+    reaped. Nothing is left to do on the command line's paths: output went
+    straight to the fds (output.write), no thread runs, no atexit handler
+    was registered, and no file of ours is open but the fds the kernel
+    closes at exit. The standard streams are flushed all the same, in case
+    a caller of this package wrote to them. The starter and --wait modes
+    exit the normal way: they run child processes and longer-lived code.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    posix._exit(status)
 
 
 if __name__ == "__main__":

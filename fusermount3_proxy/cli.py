@@ -11,16 +11,15 @@ socket the fd goes back over), client.py (the broker), watcher.py (the
 auto-unmount watcher).
 """
 
-# client, protocol and watcher are imported where they are used (os is
-# loaded at interpreter startup anyway): zipimport compiles every module from
-# source on each run, and a refused call should not pay for what only a
-# successful mount uses.
+# client and watcher are imported where they are used: each module costs
+# start-up time, and a refused call should not pay for what only a mount
+# uses. posix, not os (see __init__.py), and no "from __future__ import
+# annotations" (it imports a module).
 # ruff: noqa: PLC0415
 
-from __future__ import annotations
+import posix
 
-import os
-
+from fusermount3_proxy import getenv
 from fusermount3_proxy.commfd import is_socket, parse_commfd, send_fd
 from fusermount3_proxy.getopt import GetoptError, GetoptLong
 from fusermount3_proxy.mountpoint import MountpointError, resolve_mountpoint
@@ -88,7 +87,7 @@ def _run(progname: str, argv: list[str]) -> int:
     if args.unmount and not args.auto_unmount_only:
         return _unmount(progname, mnt, lazy=args.lazy, quiet=args.quiet)
 
-    commfd = args.commfd if args.commfd is not None else os.environ.get("_FUSE_COMMFD")
+    commfd = args.commfd if args.commfd is not None else getenv("_FUSE_COMMFD")
     if commfd is None:
         error(progname, "old style mounting not supported")
         return 1
@@ -154,7 +153,7 @@ def _apply(progname: str, args: _Args, key: str, optarg: str | None) -> int | No
 
 def _mount(progname: str, mnt: str, opts: str | None, cfd: int) -> int:
     from fusermount3_proxy import client
-    from fusermount3_proxy.protocol import split_options
+    from fusermount3_proxy.codec import split_options
 
     options = split_options(opts or "")
     auto_unmount = "auto_unmount" in options
@@ -173,7 +172,7 @@ def _mount(progname: str, mnt: str, opts: str | None, cfd: int) -> int:
         else:
             delivered = True
     finally:
-        os.close(fd)
+        posix.close(fd)
         # Also reached on KeyboardInterrupt: a mount whose fd never reached
         # the FUSE program would otherwise stay behind, dead.
         if not delivered:

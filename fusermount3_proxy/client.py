@@ -9,25 +9,31 @@ backlog) is asked again with jittered exponential back-off, within a bounded
 number of attempts and about RETRY_BUDGET seconds; every other answer is final.
 """
 
-from __future__ import annotations
-
-import array
+# Only modules written in C (and codec.py, which imports nothing): this is on the
+# path of every mount, and socket.py alone would bring enum and selectors,
+# array and os their own start-up cost. _socket is what socket.py wraps;
+# posix is os without os.py. No "from __future__ import annotations" either
+# (it imports a module): annotations of names only a type checker knows are
+# quoted instead.
+import _socket
 import errno
-import os
-import socket
+import posix
+import sys
 import time
 
-from fusermount3_proxy import protocol
-from fusermount3_proxy.protocol import MountRequest, Request, Response, UnmountRequest
+from fusermount3_proxy import codec, getenv
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-# Room for exactly one fd: a broker that attaches more gets MSG_CTRUNC, and the
-# kernel discards the fds that did not fit instead of installing them here.
-_FD_SIZE = array.array("i").itemsize
-_CMSG_BUFSIZE = socket.CMSG_SPACE(_FD_SIZE)
+    from fusermount3_proxy.protocol import MountRequest, Request, Response, UnmountRequest
+
+# Room for exactly one fd (a C int): a broker that attaches more gets
+# MSG_CTRUNC, and the kernel discards the fds that did not fit instead of
+# installing them here.
+_FD_SIZE = 4
+_CMSG_BUFSIZE = _socket.CMSG_SPACE(_FD_SIZE)
 
 _HINTS = {
     errno.ENOENT: "is the volume's broker socket mounted into this container?",
@@ -71,15 +77,15 @@ class Refused(BrokerError):
 def socket_path() -> str:
     """Where the broker listens: the environment, else the built-in default."""
     # An empty value is treated as unset: connecting to "" can only fail.
-    return os.environ.get(protocol.SOCKET_PATH_ENV) or protocol.DEFAULT_SOCKET_PATH
+    return getenv(codec.SOCKET_PATH_ENV) or codec.DEFAULT_SOCKET_PATH
 
 
-def describe(response: Response) -> str:
+def describe(response: "Response") -> str:
     """The text to show for a refused request."""
     if response["message"]:
         return response["message"]
     if response["errno"]:
-        return os.strerror(response["errno"])
+        return posix.strerror(response["errno"])
     return "the csi-async broker refused the request"
 
 
@@ -87,7 +93,7 @@ def mount(
     options: list[str],
     mountpoint: str,
     auto_unmount: bool,
-    give_up: Callable[[], bool] | None = None,
+    give_up: "Callable[[], bool] | None" = None,
 ) -> tuple[int | None, int]:
     """Ask for this volume's mount; return (mount id, /dev/fuse fd). The fd is the caller's.
 
@@ -125,17 +131,19 @@ def unmount(
 
 
 def exchange(
-    request: Request,
+    request: "Request",
     path: str | None = None,
-    timeout: float = protocol.READ_TIMEOUT,
-    give_up: Callable[[], bool] | None = None,
-) -> tuple[Response, int | None]:
+    timeout: float = codec.READ_TIMEOUT,
+    give_up: "Callable[[], bool] | None" = None,
+    answer_timeout: float = codec.ANSWER_TIMEOUT,
+) -> "tuple[Response, int | None]":
     """Send one request and return the response and the fd that came with it.
 
     The fd is returned only for a successful mount and is then owned by the
     caller. It may be None even then if the broker broke the protocol; the
     caller decides how to roll that back, since only it knows the context.
-    Any other fd the broker sent is closed here.
+    Any other fd the broker sent is closed here. `timeout` bounds the connect
+    and the send, `answer_timeout` the wait for the answer (see codec.py).
 
     A busy broker is retried (see RETRY_*); once the retries are spent, its
     last answer (or the connect error) is what the caller gets.
@@ -143,14 +151,14 @@ def exchange(
     if path is None:
         path = socket_path()
     try:
-        frame = protocol.encode_frame(protocol.KIND_REQUEST, request)
-    except (protocol.ProtocolError, UnicodeEncodeError) as err:
+        frame = codec.encode_frame(codec.KIND_REQUEST, request)
+    except (codec.ProtocolError, UnicodeEncodeError) as err:
         raise BrokerError(f"cannot encode the request for the csi-async broker: {err}") from None
 
     backoff = Backoff()
     while True:
         try:
-            response, fd = _exchange_once(request, frame, path, timeout)
+            response, fd = _exchange_once(request, frame, path, timeout, answer_timeout)
         except BrokerUnreachable as err:
             if err.errno == errno.EAGAIN and backoff.wait(give_up):
                 continue
@@ -173,14 +181,14 @@ class Backoff:
         self._delay = RETRY_FIRST_DELAY
         self._start = self.clock()
 
-    def wait(self, give_up: Callable[[], bool] | None = None) -> bool:
+    def wait(self, give_up: "Callable[[], bool] | None" = None) -> bool:
         """Sleep before the next attempt; False (at once) if no attempt is left."""
         if self.attempts >= RETRY_MAX_ATTEMPTS or (give_up is not None and give_up()):
             return False
         # "Equal jitter": between half and all of the current delay, so that
         # helpers refused together do not come back together, yet each one
-        # still backs off. os.urandom spares importing random on this path.
-        fraction = int.from_bytes(os.urandom(2), "big") / 65536
+        # still backs off. urandom spares importing random on this path.
+        fraction = int.from_bytes(posix.urandom(2), "big") / 65536
         pause = self._delay * (0.5 + fraction / 2)
         if self.clock() - self._start + pause > RETRY_BUDGET:
             return False
@@ -191,8 +199,8 @@ class Backoff:
 
 
 def _exchange_once(
-    request: Request, frame: bytes, path: str, timeout: float
-) -> tuple[Response, int | None]:
+    request: "Request", frame: bytes, path: str, timeout: float, answer_timeout: float
+) -> "tuple[Response, int | None]":
     sock = _connect(path, timeout)
     fds: list[int] = []
     try:
@@ -203,11 +211,14 @@ def _exchange_once(
                 # The broker may answer (a refusal) and hang up before
                 # reading everything; its answer is still there to read.
                 pass
-            header = _recv_exact(sock, protocol.HEADER_SIZE, fds)
-            length = protocol.decode_header(header, protocol.KIND_RESPONSE)
+            # The request is out; the broker may now wait on our behalf for
+            # bounded times that add up to more than READ_TIMEOUT.
+            sock.settimeout(answer_timeout)
+            header = _recv_exact(sock, codec.HEADER_SIZE, fds)
+            length = codec.decode_header(header, codec.KIND_RESPONSE)
             body = _recv_exact(sock, length, fds)
-            response = _parse_response(protocol.decode_json_object(body))
-        except (OSError, protocol.ProtocolError) as err:
+            response = _parse_response(codec.decode_json_object(body))
+        except (OSError, codec.ProtocolError) as err:
             raise BrokerError(
                 f"error talking to the csi-async broker at {path}: {_reason(err)}"
             ) from None
@@ -221,11 +232,11 @@ def _exchange_once(
             _close_quietly(extra)
 
 
-def _connect(path: str, timeout: float) -> socket.socket:
+def _connect(path: str, timeout: float) -> _socket.socket:
     # With a timeout set the socket is non-blocking, and a full listen backlog
     # then fails connect() with EAGAIN instead of waiting: exchange() retries
     # that like a busy answer.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
@@ -235,7 +246,7 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
-def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+def _recv_exact(sock: _socket.socket, size: int, fds: list[int]) -> bytes:
     """Read exactly size bytes, collecting any fds into fds as they arrive.
 
     Every read uses recvmsg with a control buffer, so an fd attached to any
@@ -244,35 +255,37 @@ def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
     buf = bytearray()
     while len(buf) < size:
         data, ancdata, flags, _ = sock.recvmsg(
-            size - len(buf), _CMSG_BUFSIZE, socket.MSG_CMSG_CLOEXEC
+            size - len(buf), _CMSG_BUFSIZE, _socket.MSG_CMSG_CLOEXEC
         )
         for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _FD_SIZE]))
-        if flags & socket.MSG_CTRUNC:
-            raise protocol.ProtocolError("the broker sent more file descriptors than expected")
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                # An array of C ints in the machine's byte order.
+                for start in range(0, len(cdata) - _FD_SIZE + 1, _FD_SIZE):
+                    fds.append(int.from_bytes(cdata[start : start + _FD_SIZE], sys.byteorder))
+        if flags & _socket.MSG_CTRUNC:
+            raise codec.ProtocolError("the broker sent more file descriptors than expected")
         if not data:
-            raise protocol.ProtocolError("connection closed before the response was complete")
+            raise codec.ProtocolError("connection closed before the response was complete")
         buf += data
     return bytes(buf)
 
 
-def _parse_response(obj: dict[str, object]) -> Response:
+def _parse_response(obj: dict[str, object]) -> "Response":
     for key in ("ok", "errno", "message", "mount_id"):
         if key not in obj:
-            raise protocol.ProtocolError(f"response has no {key!r} field")
+            raise codec.ProtocolError(f"response has no {key!r} field")
     ok = obj["ok"]
     code = obj["errno"]
     message = obj["message"]
     mount_id = obj["mount_id"]
     if not isinstance(ok, bool):
-        raise protocol.ProtocolError("response field 'ok' is not a boolean")
+        raise codec.ProtocolError("response field 'ok' is not a boolean")
     if not isinstance(code, int) or isinstance(code, bool):
-        raise protocol.ProtocolError("response field 'errno' is not an integer")
+        raise codec.ProtocolError("response field 'errno' is not an integer")
     if not isinstance(message, str):
-        raise protocol.ProtocolError("response field 'message' is not a string")
+        raise codec.ProtocolError("response field 'message' is not a string")
     if mount_id is not None and (not isinstance(mount_id, int) or isinstance(mount_id, bool)):
-        raise protocol.ProtocolError("response field 'mount_id' is not an integer")
+        raise codec.ProtocolError("response field 'mount_id' is not an integer")
     return {"ok": ok, "errno": code, "message": message, "mount_id": mount_id}
 
 
@@ -286,6 +299,6 @@ def _reason(err: BaseException) -> str:
 
 def _close_quietly(fd: int) -> None:
     try:
-        os.close(fd)
+        posix.close(fd)
     except OSError:
         return

@@ -6,16 +6,16 @@ and checked here as libfuse parses it, and the fd is sent here as libfuse's
 receive_fd expects it.
 """
 
-# socket is imported where it is used (os and stat are loaded at interpreter
-# startup anyway): a refused call should not pay for it.
-# ruff: noqa: PLC0415
-
-from __future__ import annotations
-
-import os
-import stat
+# Modules written in C only (posix and _socket, not os, stat and socket.py:
+# see __init__.py), and no "from __future__ import annotations" (it imports
+# a module): this is on the path of every mount.
+import _socket
+import posix
+import sys
 
 _C_SPACE = " \t\n\v\f\r"
+_S_IFMT = 0o170000
+_S_IFSOCK = 0o140000
 
 
 def parse_commfd(text: str) -> int | None:
@@ -35,23 +35,23 @@ def parse_commfd(text: str) -> int | None:
 
 def is_socket(fd: int) -> bool:
     try:
-        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+        return posix.fstat(fd).st_mode & _S_IFMT == _S_IFSOCK
     except (OSError, OverflowError):
         return False
 
 
 def send_fd(cfd: int, fd: int) -> None:
     """One sendmsg of b"\\0" plus one SCM_RIGHTS fd, as libfuse's receive_fd expects."""
-    import socket
-
     # Wraps the caller's fd without taking ownership: detach() below keeps the
     # socket object from closing it whenever it happens to be collected.
-    sock = socket.socket(fileno=cfd)
+    sock = _socket.socket(fileno=cfd)
+    # What socket.send_fds sends: the fd as a C int in the machine's order.
+    rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
     try:
         sock.setblocking(True)
         while True:
             try:
-                sent = socket.send_fds(sock, [b"\0"], [fd])
+                sent = sock.sendmsg([b"\0"], rights)
             except InterruptedError:
                 continue
             break

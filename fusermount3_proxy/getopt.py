@@ -9,9 +9,9 @@ refuses it, which is what libfuse >= 3.19 relies on to fall back from
 --sync-init. Python's getopt module differs on all of these.
 """
 
-from __future__ import annotations
-
-import os
+# No imports but the package's getenv, and no "from __future__ import
+# annotations" (it imports a module): this is on the path of every mount.
+from fusermount3_proxy import getenv
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,16 +34,16 @@ class GetoptLong:
     """
 
     def __init__(
-        self, args: list[str], shortopts: str, longopts: Mapping[str, tuple[str, bool]]
+        self, args: list[str], shortopts: str, longopts: "Mapping[str, tuple[str, bool]]"
     ) -> None:
         self.operands: list[str] = []
         self._args = args
         self._shortopts = shortopts
         self._longopts = longopts
 
-    def __iter__(self) -> Iterator[tuple[str, str | None]]:
+    def __iter__(self) -> "Iterator[tuple[str, str | None]]":
         argv = self._args
-        posixly_correct = "POSIXLY_CORRECT" in os.environ
+        posixly_correct = getenv("POSIXLY_CORRECT") is not None
         i = 0
         n = len(argv)
         while i < n:

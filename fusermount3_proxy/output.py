@@ -5,9 +5,9 @@ answers "-h" and "-V" from here without compiling cli.py, and cli.py prints
 the same texts from here, so both paths give the same bytes.
 """
 
-from __future__ import annotations
-
-import os
+# posix, not os: see __init__.py. No "from __future__ import annotations"
+# (it imports a module).
+import posix
 
 from fusermount3_proxy import __version__
 
@@ -45,7 +45,7 @@ def write(fd: int, text: str) -> None:
     data = text.encode("utf-8", "surrogateescape")
     try:
         while data:
-            data = data[os.write(fd, data) :]
+            data = data[posix.write(fd, data) :]
     except OSError:
         return
 

@@ -1,7 +1,10 @@
 """The broker wire protocol, defined once for both ends.
 
-The zipapp (this package, stdlib only) speaks it as a client; the broker in
-csi_async validates the same TypedDicts with pydantic (csi_async/broker/wire.py).
+The zipapp (this package, stdlib only) speaks it as a client, through
+codec.py's import-free encoder and decoder; the broker in csi_async encodes
+and decodes with json (encode_frame, decode_json_object below) and validates
+the TypedDicts below with pydantic (csi_async/broker/wire.py). Both ends give
+the same bytes and the same objects (tests/test_proxy_codec.py).
 
 A connection carries exactly one request frame and one response frame:
 
@@ -20,34 +23,59 @@ import json
 import struct
 from typing import Literal, TypedDict
 
-MAGIC = b"CSAF"
-VERSION = 1
+# The constants, the header check and the -o splitter are defined once, in
+# codec.py: the zipapp imports that module alone on its way to a mount, since
+# this one brings json and typing along. Re-exported here for the driver.
+from fusermount3_proxy.codec import (
+    ANSWER_TIMEOUT,
+    DEFAULT_SOCKET_PATH,
+    HEADER_SIZE,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    MAGIC,
+    MAX_BODY,
+    MAX_MESSAGE_LENGTH,
+    MAX_OPTION_LENGTH,
+    MAX_OPTIONS,
+    MAX_PATH_LENGTH,
+    READ_TIMEOUT,
+    SOCKET_PATH_ENV,
+    VERSION,
+    ProtocolError,
+    decode_header,
+    split_options,
+)
+
+__all__ = [
+    "ANSWER_TIMEOUT",
+    "DEFAULT_SOCKET_PATH",
+    "HEADER",
+    "HEADER_SIZE",
+    "KIND_REQUEST",
+    "KIND_RESPONSE",
+    "MAGIC",
+    "MAX_BODY",
+    "MAX_MESSAGE_LENGTH",
+    "MAX_OPTIONS",
+    "MAX_OPTION_LENGTH",
+    "MAX_PATH_LENGTH",
+    "READ_TIMEOUT",
+    "SOCKET_PATH_ENV",
+    "VERSION",
+    "MountRequest",
+    "ProtocolError",
+    "Request",
+    "Response",
+    "UnmountRequest",
+    "decode_header",
+    "decode_json_object",
+    "encode_frame",
+    "split_options",
+]
+
+# The header as a struct (HEADER_SIZE bytes), for the broker and for code
+# that packs headers of its own (tests, e2e).
 HEADER = struct.Struct("!4sBBHI")
-HEADER_SIZE = HEADER.size
-
-KIND_REQUEST = 1
-KIND_RESPONSE = 2
-
-# Hard caps. A frame over MAX_BODY is refused before any of it is buffered.
-MAX_BODY = 8192
-MAX_OPTIONS = 64
-MAX_OPTION_LENGTH = 1024
-MAX_PATH_LENGTH = 4096
-MAX_MESSAGE_LENGTH = 2048
-
-# How long either side waits for the other's frame, in seconds.
-READ_TIMEOUT = 5.0
-
-# Where the socket is when nothing says otherwise: the native mode mounts a
-# broker-owned directory here. go-fuse execs the helper with an empty
-# environment, so this default must work without any variable.
-DEFAULT_SOCKET_PATH = "/run/csi-async/fuse.sock"
-# meta-fuse-csi-plugin's variable, honoured for compatibility.
-SOCKET_PATH_ENV = "FUSERMOUNT3PROXY_FDPASSING_SOCKPATH"
-
-
-class ProtocolError(Exception):
-    """A frame that does not follow this protocol."""
 
 
 # The TypedDicts below are the schema. The broker derives strict pydantic
@@ -102,24 +130,6 @@ def encode_frame(kind: int, body: object) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, 0, len(data)) + data
 
 
-def decode_header(header: bytes, expected_kind: int) -> int:
-    """Check a frame header and return the body length."""
-    if len(header) != HEADER_SIZE:
-        raise ProtocolError("truncated frame header")
-    magic, version, kind, reserved, length = HEADER.unpack(header)
-    if magic != MAGIC:
-        raise ProtocolError("bad magic: not a csi-async frame")
-    if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
-    if kind != expected_kind:
-        raise ProtocolError(f"unexpected frame kind {kind}")
-    if reserved != 0:
-        raise ProtocolError("reserved header bits are set")
-    if length > MAX_BODY:
-        raise ProtocolError(f"frame body of {length} bytes exceeds {MAX_BODY}")
-    return int(length)
-
-
 def decode_json_object(body: bytes) -> dict[str, object]:
     """Parse a frame body into a JSON object (schema checks are the caller's)."""
     try:
@@ -132,36 +142,3 @@ def decode_json_object(body: bytes) -> dict[str, object]:
     if not isinstance(value, dict):
         raise ProtocolError("frame body is not a JSON object")
     return value
-
-
-def split_options(opts: str) -> list[str]:
-    """Split a -o string the way fusermount3 does.
-
-    Tokens are separated by commas. A backslash escapes the next character
-    only inside tokens that start with fsname= or subtype= (so "fsname=a\\,b"
-    is one token "fsname=a,b"); everywhere else a backslash is literal, which
-    keeps "foo=\\,allow_other" from smuggling an option past a filter.
-    Empty tokens are dropped.
-    """
-    tokens: list[str] = []
-    i = 0
-    n = len(opts)
-    while i <= n:
-        if opts.startswith(("fsname=", "subtype="), i):
-            out: list[str] = []
-            while i < n and opts[i] != ",":
-                if opts[i] == "\\" and i + 1 < n:
-                    i += 1
-                out.append(opts[i])
-                i += 1
-            token = "".join(out)
-        else:
-            end = opts.find(",", i)
-            if end < 0:
-                end = n
-            token = opts[i:end]
-            i = end
-        if token:
-            tokens.append(token)
-        i += 1  # skip the comma (or step past the end)
-    return tokens

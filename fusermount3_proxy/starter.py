@@ -99,7 +99,7 @@ def _start(progname: str, opts: str | None, keep_mount: bool, program: list[str]
     import subprocess
 
     from fusermount3_proxy import client
-    from fusermount3_proxy.protocol import split_options
+    from fusermount3_proxy.codec import split_options
 
     # Handlers go in before anything else: a SIGTERM while the broker mounts
     # must neither kill us (leaving a mount nobody serves) nor be lost.

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import subprocess
 import sys
 from pathlib import Path
+
+from csi_async._proto.csi import v1 as csi
+from csi_async._proto.google import protobuf
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "csi_async" / "_proto"
@@ -33,3 +37,18 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
         if not filecmp.cmp(generated[name], committed[name], shallow=False)
     ]
     assert drifted == [], f"regenerate with scripts/gen_proto.sh (nox -s proto): {drifted}"
+
+
+def test_the_stubs_carry_no_descriptor_proto() -> None:
+    """gen_proto.sh generates from a copy of csi.proto without the csi_secret option.
+
+    The committed proto keeps the option (and the descriptor.proto import it needs), as
+    the spec has it; the stubs get wrappers.proto alone, and the fields stay the same.
+    """
+    proto = (REPO / "proto" / "csi" / "v1" / "csi.proto").read_text()
+    assert 'import "google/protobuf/descriptor.proto";' in proto
+    assert "[(csi_secret) = true]" in proto
+    assert not hasattr(protobuf, "FieldOptions")
+    assert hasattr(protobuf, "BoolValue")
+    fields = {field.name for field in dataclasses.fields(csi.NodePublishVolumeRequest)}
+    assert {"secrets", "volume_context", "target_path"} <= fields

@@ -106,6 +106,8 @@ class FakeBroker:
         # that a broken exchange fails the test instead of a thread dying.
         self.errors: list[BaseException] = []
         self._replies: list[tuple[dict[str, object], bool]] = []
+        # Seconds to take, once a request is read, before answering it.
+        self.answer_delay = 0.0
         # The answer once the scripted ones are used up.
         self.default: dict[str, object] = {
             "ok": False,
@@ -163,6 +165,8 @@ class FakeBroker:
             _recv_exact(conn, protocol.HEADER_SIZE), protocol.KIND_REQUEST
         )
         self.requests.append(protocol.decode_json_object(_recv_exact(conn, length)))
+        # A broker busy on the request's behalf (the volume's lock, a mount slot).
+        time.sleep(self.answer_delay)
         if self._replies:
             response, send_fd = self._replies.pop(0)
         else:
@@ -926,6 +930,39 @@ def test_the_number_of_attempts_is_bounded_even_when_time_is_not(
     assert broker.connections == client.RETRY_MAX_ATTEMPTS
 
 
+def test_the_answer_is_waited_for_longer_than_everything_the_broker_may_wait_for() -> None:
+    from csi_async.broker import lifecycle, session
+
+    # The broker may hold a request for the volume's lock, then for a node-wide
+    # slot, before it mounts and answers within READ_TIMEOUT; a helper that hung
+    # up sooner would throw away a mount the broker had made for it.
+    broker_waits = session.LOCK_WAIT + lifecycle.SLOT_WAIT + protocol.READ_TIMEOUT
+    assert broker_waits + 10 <= protocol.ANSWER_TIMEOUT
+
+
+def test_a_slow_answer_is_waited_for_with_the_answer_timeout_not_the_connect_timeout(
+    broker: FakeBroker, mnt: str
+) -> None:
+    from fusermount3_proxy import client
+
+    broker.answer_delay = 0.5
+    broker.reply(ok=True)
+    request: protocol.UnmountRequest = {
+        "op": "unmount",
+        "mountpoint": mnt,
+        "lazy": False,
+        "mount_id": None,
+    }
+    response, fd = client.exchange(request, path=broker.path, timeout=0.1, answer_timeout=TIMEOUT)
+    assert response["ok"] and fd is None
+    with pytest.raises(client.BrokerError, match="timed out"):
+        client.exchange(request, path=broker.path, timeout=TIMEOUT, answer_timeout=0.1)
+    # The broker's late answer then finds the helper gone.
+    wait_until(lambda: bool(broker.errors))
+    assert [type(err) for err in broker.errors] == [BrokenPipeError]
+    broker.errors.clear()
+
+
 def test_a_full_listen_backlog_is_waited_out(tmp_path: Path, mnt: str) -> None:
     """connect() gets EAGAIN while the backlog is full; the client retries it."""
     from fusermount3_proxy import client
@@ -1271,7 +1308,10 @@ def test_the_default_build_is_an_executable_reproducible_zipapp_of_the_package_s
         assert result.stdout == f"{output}\n"
     first, second = (output.read_bytes() for output in outputs)
     assert first == second
-    assert first.startswith(b"#!/usr/bin/python3 -IS\n")
+    # The default interpreter, with the entry point as its -c command (see
+    # build_zipapp.py's BOOTSTRAP: no runpy on the way to a mount).
+    assert first.startswith(b"#!/usr/bin/python3 -ISc")
+    assert b"from fusermount3_proxy.__main__ import main;main()\n" in first.split(b"PK", 1)[0]
     assert outputs[0].stat().st_mode & 0o777 == 0o755
     with zipfile.ZipFile(outputs[0]) as archive:
         names = archive.namelist()
@@ -1280,3 +1320,45 @@ def test_the_default_build_is_an_executable_reproducible_zipapp_of_the_package_s
     # .pyc when its magic number matches the running Python).
     expected = [f"fusermount3_proxy/{name}{c}" for name in package for c in ("", "c")]
     assert names == ["__main__.py", *expected]
+
+
+# --- the mountpoint's realpath, without os ----------------------------------
+
+
+def test_realpath_resolves_as_os_path_realpath_strict_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mountpoint.realpath is posixpath.realpath(strict=True) over posix calls
+    # (the zipapp does not import os on the way to a mount): same paths,
+    # same errors, for symlinks relative and absolute, chains, loops,
+    # dangling links, ".." after a symlink and files used as directories.
+    from fusermount3_proxy.mountpoint import realpath
+
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "f").write_text("")
+    links = {
+        "rel": "d/e", "abs": str(tmp_path / "d"), "chain": "rel", "up": "d/e/..",
+        "dangling": "nowhere", "loop1": "loop2", "loop2": "loop1", "self": "self",
+        "tofile": "f", "dotdot": "..", "d/e/back": "../../d",
+    }  # fmt: skip
+    for name, target in links.items():
+        (tmp_path / name).symlink_to(target)
+    monkeypatch.chdir(tmp_path / "d")
+    names = [*links, "d", "d/e", "f", ".", "..", ""]
+    candidates = [
+        *(f"{tmp_path}/{name}" for name in names),
+        *(f"{tmp_path}/{name}/.." for name in names),
+        *(f"{tmp_path}/{name}/e" for name in names),
+        *(f"{tmp_path}//{name}/./" for name in names),
+        "e", "e/..", "../rel", "../chain/../abs/e", "../d/e/back/e", "/", "//", "/..", ".",
+    ]  # fmt: skip
+
+    def outcome(resolve: Callable[[str], str], path: str) -> str:
+        try:
+            return resolve(path)
+        except OSError as err:
+            return f"OSError {err.errno}"
+
+    for path in candidates:
+        expected = outcome(lambda p: os.path.realpath(p, strict=True), path)
+        assert outcome(realpath, path) == expected, path

@@ -11,14 +11,17 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from csi_async import cli, logs
+import csi_async
+from csi_async import cli
 from csi_async.config import Settings, env_vars
+from e2e.driver import DriverProcess
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINT = Path(sys.executable).parent / "csi-async"
@@ -98,11 +101,10 @@ def parse(monkeypatch: pytest.MonkeyPatch) -> Any:
             monkeypatch.delenv(variable, raising=False)
     served: list[Settings] = []
 
-    async def serve_forever(settings: Settings) -> None:
+    def serve_forever(settings: Settings) -> None:
         served.append(settings)
 
     monkeypatch.setattr(cli, "serve_forever", serve_forever)
-    monkeypatch.setattr(logs, "setup", lambda *args: None)
 
     def run(args: list[str], env: dict[str, str] | None = None) -> Settings:
         served.clear()
@@ -261,3 +263,62 @@ def test_the_docs_table_lists_every_flag_with_its_variables_and_default(
         elif field.default not in (None, "") and not field.is_required():
             assert default.strip("`") == str(field.default), declared
     assert {row.split("/")[0] for row in rows} == set(serve_help) - {"-h"}
+
+
+# ------------------------------------------------------------- the serving process
+
+
+def test_the_package_version_is_the_installed_distributions() -> None:
+    # Written out in csi_async/__init__.py (importlib.metadata is not kept resident).
+    assert csi_async.__version__ == version("csi-async")
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_each_setting_reaches_the_serving_process_unchanged(parse: Any, name: str) -> None:
+    """`serve` execs the serving process with the settings as JSON: nothing may change."""
+    args, _, _ = SAMPLES[name]
+    settings = parse(["--node-id", "n", *args] if name != "node_id" else args)
+    assert Settings.model_validate_json(settings.model_dump_json()) == settings
+
+
+IMPORTED = """
+import sys
+from csi_async.serving import import_serving_stack
+import_serving_stack(ssl=sys.argv[1] == "ssl")
+names = ["ssl", "_ssl", "_hashlib", "click", "csi_async.cli", "prometheus_client"]
+print(*[name for name in names if name in sys.modules])
+import ssl, _hashlib  # still importable: only kept out while serving imported
+print(ssl.OPENSSL_VERSION.split()[0], _hashlib.__name__)
+"""
+
+
+@pytest.mark.parametrize("ssl", ["no-ssl", "ssl"])
+def test_the_serving_process_imports_only_what_serving_needs(ssl: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTED, ssl], capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    imported, after = result.stdout.splitlines()
+    # With metrics on (prometheus_client needs ssl), ssl is imported as usual.
+    assert imported.split() == (["ssl", "_ssl"] if ssl == "ssl" else [])
+    assert after == "OpenSSL _hashlib"
+
+
+def test_serve_execs_into_a_serving_process_without_click_or_openssl(tmp_path: Path) -> None:
+    kubelet_root = tmp_path / "kubelet"
+    kubelet_root.mkdir()
+    with DriverProcess(tmp_path, kubelet_root, extra_args=["--peer-check", "off"]) as driver:
+        assert driver.process is not None
+        pid = driver.process.pid
+        # The same pid, now `python -m csi_async.serving <settings>` (the command
+        # line ends in a NUL, hence the empty last item).
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[-4:-2] == [b"-m", cli.SERVING_MODULE.encode()], cmdline
+        served = Settings.model_validate_json(cmdline[-2])
+        assert served.kubelet_root == kubelet_root
+        assert served.node_id == driver.node_id
+        mapped = Path(f"/proc/{pid}/maps").read_text()
+        for library in ("libssl", "libcrypto", "_ssl.", "_hashlib."):
+            assert library not in mapped, f"the driver loaded {library}"
+    assert driver.process.returncode == 0

@@ -419,3 +419,102 @@ def test_target_paths_in_this_module_parse(kubelet_root: Path) -> None:
     # test above exercise validation failures instead).
     request = publish_request(kubelet_root, pod_uid=str(uuid.uuid4()))
     assert parse_target_path(str(kubelet_root), request.target_path).volume_name == "data"
+
+
+# ---------------------------------------------------------------- issue #13: speed
+
+
+async def _trash_emptied(state_dir: Path, timeout: float = 10.0) -> None:
+    trash = state_dir / "removed"
+    with anyio.fail_after(timeout):
+        while os.listdir(trash):
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_unused_native_socket_dirs_leave_at_once_and_are_removed_in_the_background(
+    kubelet_root: Path, state_dir: Path
+) -> None:
+    # The last unpublish of a native pair renames the socket dir (and the
+    # pod's, when it was the pod's last) out of sockets/ into the trash, as
+    # every unpublish does with its volume record, instead of waiting for
+    # rmdirs and unlinks; a background pass empties the trash. A pod with a
+    # second FUSE volume keeps its pod dir until that one goes too.
+    pod = str(uuid.uuid4())
+    pair = [
+        spec_and_record(kubelet_root, pod_uid=pod),
+        spec_and_record(
+            kubelet_root, pod_uid=pod, name="data-broker", attributes={"socketFor": "data"}
+        ),
+    ]
+    other = spec_and_record(kubelet_root, pod_uid=pod, name="more")
+    async with manager(kubelet_root, state_dir) as volumes:
+        for spec, record in [*pair, other]:
+            await volumes.publish(spec, record)
+        for spec, _ in pair:
+            await volumes.unpublish(spec.target)
+        assert not (state_dir / "sockets" / pod / "data").exists()
+        assert is_socket(native_socket(state_dir, pod, "more")), "another volume's dir was moved"
+        await volumes.unpublish(other[0].target)
+        assert not (state_dir / "sockets" / pod).exists()
+        assert records_on_disk(state_dir) == []
+        await _trash_emptied(state_dir)
+        # The same pod publishing again gets fresh directories.
+        await volumes.publish(*pair[0])
+        assert is_socket(native_socket(state_dir, pod))
+    # Retired by the last unpublish as the driver stopped: the next start
+    # removes it.
+    async with manager(kubelet_root, state_dir) as volumes:
+        await volumes.restore(validator(kubelet_root))
+        await _trash_emptied(state_dir)
+
+
+@pytest.mark.asyncio
+async def test_native_socket_dirs_get_their_modes_however_many_levels_are_missing(
+    kubelet_root: Path, state_dir: Path
+) -> None:
+    # The socket dir is made with the fewest mkdirs that work (the deepest
+    # first); the upper levels are made when missing, with their modes.
+    pods = [str(uuid.uuid4()) for _ in range(2)]
+    async with manager(kubelet_root, state_dir) as volumes:
+        for pod in pods:  # no sockets/ yet, then no pod dir yet
+            await volumes.publish(*spec_and_record(kubelet_root, pod_uid=pod))
+            await volumes.publish(
+                *spec_and_record(
+                    kubelet_root, pod_uid=pod, name="data-broker", attributes={"socketFor": "data"}
+                )
+            )  # the dir exists already
+            assert is_socket(native_socket(state_dir, pod))
+        for path, mode in [
+            (state_dir / "sockets", 0o711),
+            (state_dir / "sockets" / pods[1], 0o711),
+            (state_dir / "sockets" / pods[1] / "data", 0o755),
+        ]:
+            assert stat.S_IMODE(os.stat(path).st_mode) == mode, path
+
+
+@pytest.mark.asyncio
+async def test_publish_and_unpublish_read_no_mountinfo_on_the_common_path(
+    kubelet_root: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mountinfo grows with the node (two mounts per FUSE volume) and was
+    # read several times per call: the kernel answers for the target instead.
+    from csi_async.volumes import targets
+
+    def no_mountinfo(path: str, table: object = None) -> list[object]:
+        raise AssertionError(f"mountinfo read for {path}")
+
+    monkeypatch.setattr(targets, "mounts_at", no_mountinfo)
+    pod = str(uuid.uuid4())
+    specs = [
+        spec_and_record(kubelet_root, pod_uid=pod),
+        spec_and_record(
+            kubelet_root, pod_uid=pod, name="data-broker", attributes={"socketFor": "data"}
+        ),
+    ]
+    async with manager(kubelet_root, state_dir) as volumes:
+        for spec, record in specs:
+            await volumes.publish(spec, record)
+        for spec, _ in specs:
+            await volumes.unpublish(spec.target)
+            assert not Path(spec.target.absolute).exists()

@@ -3,7 +3,8 @@
 Interleaved, in one agent (bench/agent.py, its "p1" command): the bare
 interpreter's start and exit (the floor any Python helper pays), the zipapp
 mounting through the broker, and Debian's setuid fusermount3, each spawned
-exactly as libfuse spawns its helper. Timed: spawn → fd received, and
+exactly as libfuse spawns its helper (the zipapp exec'd, through its "#!"
+line). Timed: spawn → fd received, and
 spawn → helper reaped. The broker's own share is the `duration_ms` of its
 audit line per mount. With --profile, one more mount under -X importtime.
 """
@@ -24,8 +25,10 @@ from bench.testbed import (
 from e2e.kubelet import Pod
 
 IDS = ("P1",)
-# The goal: at most this much over the interpreter floor's median.
+# The goals: at most this much over the interpreter floor's median, to the
+# fd and to the helper's exit.
 OVER_FLOOR_MS = 1.5
+OVER_FLOOR_EXIT_MS = 2.0
 
 
 def run(env: Env, ids: set[str]) -> list[Measurement]:
@@ -64,15 +67,16 @@ def run(env: Env, ids: set[str]) -> list[Measurement]:
     floor_p50 = floor.median
     limit = floor_p50 + OVER_FLOOR_MS
     goal = f"≤ floor+{OVER_FLOOR_MS} = {limit:.2f}"
+    exit_limit = floor_p50 + OVER_FLOOR_EXIT_MS
     ours_exit = Measurement(
         "P1",
         "P1.zipapp_exit",
         "zipapp+broker: spawn→fd received→helper reaped (libfuse's fuse_mount)",
         "ms",
         raw["ours_exit"],
-        goal,
+        f"≤ floor+{OVER_FLOOR_EXIT_MS} = {exit_limit:.2f}",
     )
-    ours_exit.passed = ours_exit.median <= limit
+    ours_exit.passed = ours_exit.median <= exit_limit
     ours_fd = Measurement(
         "P1",
         "P1.zipapp_fd",
@@ -82,8 +86,8 @@ def run(env: Env, ids: set[str]) -> list[Measurement]:
         goal,
     )
     ours_fd.passed = ours_fd.median <= limit
-    overhead = ours_exit.median - floor_p50
-    ours_exit.extra["p50_over_floor_ms"] = round(overhead, 3)
+    ours_exit.extra["p50_over_floor_ms"] = round(ours_exit.median - floor_p50, 3)
+    ours_fd.extra["p50_over_floor_ms"] = round(ours_fd.median - floor_p50, 3)
     return [
         floor,
         ours_fd,

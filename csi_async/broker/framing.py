@@ -46,12 +46,18 @@ def refuse_passed_fds(sock: socket.socket) -> bool:
 async def _recv_exact(sock: socket.socket, size: int) -> bytes:
     chunks = bytearray()
     while len(chunks) < size:
-        await anyio.wait_readable(sock)
         try:
             # No control buffer: attached fds are never installed in our fd
-            # table (see the module docstring).
-            data, _, flags, _ = sock.recvmsg(size - len(chunks))
+            # table (see the module docstring). MSG_DONTWAIT whatever the
+            # socket's mode (accept() hands out blocking sockets): a pod that
+            # connects and sends nothing must never block the event loop.
+            data, _, flags, _ = sock.recvmsg(size - len(chunks), 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
+            # Read first, wait only if nothing is there: the helper sends its
+            # whole request right after connect(), so it has usually arrived
+            # by now, and each wait costs an event-loop round trip
+            # (add_reader, a poll, remove_reader) inside P1's mount time.
+            await anyio.wait_readable(sock)
             continue
         if flags & socket.MSG_CTRUNC:
             raise FramingError("requests must not carry file descriptors")
@@ -82,10 +88,13 @@ async def send_frame(sock: socket.socket, frame: bytes, fd: int | None, timeout:
     view = memoryview(frame)
     with anyio.fail_after(timeout):
         while view:
-            await anyio.wait_writable(sock)
             try:
-                sent = sock.sendmsg([view], ancillary)
+                # MSG_DONTWAIT: a peer that does not read must not block the loop.
+                sent = sock.sendmsg([view], ancillary, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
+                # Nothing was sent (nor the fd): wait for room. A response
+                # fits an empty socket buffer, so this is the rare path.
+                await anyio.wait_writable(sock)
                 continue
             # The fd travels with the first chunk; never send it twice.
             ancillary = []

@@ -220,11 +220,21 @@ def _open_pid_now(pid: int) -> int | None:
 
 def read_proc_cgroup(pid: int) -> str | None:
     """/proc/<pid>/cgroup as text, or None if the process is gone."""
+    # os.read rather than open(): no buffered text stream to set up and tear
+    # down (a third of the read), on the path of every request.
     try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
-            return f.read()
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _exited(pidfd: int) -> bool:

@@ -241,17 +241,22 @@ class MountLifecycle:
             # On any failure (the peer went away, a cancellation by unpublish or
             # shutdown, a bug) the program never got the fd: a mount nobody
             # serves would hang every reader, so take it down again.
+            # Detached before our fuse fd (then the only one) is closed: closing
+            # it aborts the connection, and a reader that came in between
+            # would get ENOTCONN from a mount it should never have seen.
             with anyio.CancelScope(shield=True):
-                os.close(made.fuse_fd)
-                for fd in pidfds:
-                    os.close(fd)
-                if not delivered:
-                    try:
-                        if recorded:
-                            await _blocking(lambda: self._records.remove(self.target.absolute))
-                        await _blocking(lambda: fuse.detach_mount_quietly(made.mount_fd))
-                    finally:
-                        self._close_later(made.mount_fd)
+                try:
+                    for fd in pidfds:
+                        os.close(fd)
+                    if not delivered:
+                        try:
+                            if recorded:
+                                await _blocking(lambda: self._records.remove(self.target.absolute))
+                            await _blocking(lambda: fuse.detach_mount_quietly(made.mount_fd))
+                        finally:
+                            self._close_later(made.mount_fd)
+                finally:
+                    os.close(made.fuse_fd)
         return spec
 
     def _mount_on_target(self, spec: fuse.FuseMountSpec) -> fuse.FuseMount:
@@ -469,15 +474,21 @@ class MountLifecycle:
         await self._forget(active)
         await _answer_ok(conn, active.token)
 
-    async def detach_all(self) -> None:
-        """Unpublish: detach our mount, and any other FUSE mount left on the target."""
+    async def detach_all(self, *, leftovers: bool = True) -> None:
+        """Unpublish: detach our mount, and any other FUSE mount left on the target.
+
+        leftovers=False leaves the other mounts to the caller (the registry
+        detaches whatever is on the target in the one thread hop of its
+        unpublish).
+        """
         async with self.lock:
             self._limits.claim_gone(self.target.absolute)  # nothing left to heal
             if self._active is not None:
                 # Aborted while our fd still pins the mount, so the connection
                 # number cannot have been reused by another pod's mount.
                 await self._forget(self._active, abort=True)
-            await _blocking(self._detach_leftovers)
+            if leftovers:
+                await _blocking(self._detach_leftovers)
 
     def _detach_leftovers(self) -> None:
         """Detach FUSE mounts at the target that no fd of ours pins (e.g. from

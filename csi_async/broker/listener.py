@@ -144,5 +144,28 @@ class VolumeBroker:
         """Unpublish: stop listening, remove the socket, unmount what we mounted."""
         await self._stop_serving()
         # The socket may sit in the pod's own emptyDir: no stat of it on the loop.
-        await anyio.to_thread.run_sync(sockets.remove, self._bound)
+        await anyio.to_thread.run_sync(self.remove_socket)
         await self._mounts.detach_all()
+
+    async def stop(self) -> None:
+        """Unpublish, the event loop's part: stop serving, detach the mount we made.
+
+        What is left blocks, and is the caller's to run in a worker thread
+        with the rest of its unpublish (one hop per RPC): remove_socket(),
+        and the detach of any other mount left on the target.
+        """
+        await self._stop_serving()
+        if self._mounts.active is None:
+            # Nothing to detach, and nobody left to hold the mount's lock:
+            # every session, daemon watch and swap ran in serve's task group,
+            # which has ended. Skips the lock's checkpoint on the common path.
+            self._limits.claim_gone(self.target.absolute)  # nothing left to heal
+            return
+        await self._mounts.detach_all(leftovers=False)
+
+    def remove_socket(self) -> None:
+        """Close the listener and unlink its socket file if it is still ours.
+
+        Blocking (a stat in a directory the pod may control): run it off the loop.
+        """
+        sockets.remove(self._bound)

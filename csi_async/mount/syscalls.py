@@ -1,4 +1,5 @@
-"""Thin ctypes wrappers for the Linux syscalls Python's os module lacks.
+"""Thin ctypes wrappers for the Linux syscalls Python's os module lacks (and for
+two of glibc's malloc controls).
 
 Mechanism only: no policy lives here. Every wrapper raises OSError with the
 kernel's errno. Numbers are the unified syscall table (x86_64 and arm64 agree
@@ -204,6 +205,29 @@ def move_mount_into(mount_fd: int, parent_fd: int, name: str) -> None:
             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
         )
     )
+
+
+# mallopt(3)'s parameter for the number of malloc arenas (glibc's malloc.h).
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Let glibc's malloc make at most `count` arenas (mallopt M_ARENA_MAX).
+
+    False where the C library has no mallopt (musl): nothing changes then.
+    """
+    mallopt = getattr(_libc, "mallopt", None)
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, count))
+
+
+def release_free_memory() -> None:
+    """Give the pages malloc holds free back to the kernel (glibc's malloc_trim).
+
+    A no-op where the C library has no malloc_trim (musl).
+    """
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def set_thread_name(name: str) -> None:

@@ -9,15 +9,17 @@ Two kinds of volume:
 The socket lives either in that broker-owned directory (native mode, the
 default) or in the pod's emptyDir (meta-fuse-csi-plugin compatibility);
 socket_dirs.py says where, targets.py makes and removes target directories,
-state.py keeps the records. This module is the table of what is published
-and the order in which each publish, unpublish and restore happens.
+state.py keeps the records, and what an unpublish deletes of the state dir
+goes to trash.py first. This module is the table of what is published and
+the order in which each publish, unpublish and restore happens.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +34,7 @@ from csi_async.broker.listener import VolumeBroker
 from csi_async.broker.target import VolumeTarget
 from csi_async.kubelet.errors import InvalidRequest
 from csi_async.kubelet.target_path import TargetPath
+from csi_async.mount.mountinfo import MountEntry
 from csi_async.mount.paths import PinnedRoot
 from csi_async.policy.node import NodePolicy
 from csi_async.volumes import targets
@@ -39,15 +42,18 @@ from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict
 from csi_async.volumes.socket_dirs import (
     SocketDirs,
     native_dir_owner,
-    remove_empty_dirs,
     socket_name,
     uses_native_dir,
 )
 from csi_async.volumes.spec import PublishSpec
 from csi_async.volumes.state import StateStore, VolumeRecord
+from csi_async.volumes.trash import Trash
 
 # The registry's logger: operators filter on it (docs/operations.md).
 log = logging.getLogger("csi_async.volumes")
+
+# Seconds from an unpublish to the pass that empties the trash (trash.py).
+TRASH_DELAY = 0.1
 
 
 class ValidatesRecords(Protocol):
@@ -66,7 +72,29 @@ class Published:
     broker: VolumeBroker | None = None
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """What a publish's thread hop set up on disk, for the event loop to serve."""
+
+    target_created: bool
+    # FUSE mounts found on the target (restoring only: the ones to adopt).
+    fuse_mounts: list[MountEntry]
+    bound: sockets.BoundSocket | None
+
+
+# A native socket dir, by pod UID and the FUSE volume it belongs to.
+_NativeDir = tuple[str, str]
+
+
 class VolumeManager:
+    """The table of published volumes, and the order of each publish and unpublish.
+
+    Each publish and unpublish makes one worker-thread hop that does all of
+    its blocking filesystem work (the target, the socket or the bind, the
+    record); the event loop keeps the table, the per-target claims and the
+    brokers. A failure makes a second hop, to undo.
+    """
+
     def __init__(
         self,
         *,
@@ -77,13 +105,18 @@ class VolumeManager:
         task_group: anyio.abc.TaskGroup,
     ) -> None:
         self._root = PinnedRoot(str(kubelet_root))
-        self._store = StateStore(state_dir)
-        self._sockets = SocketDirs(state_dir / "sockets", self._root)
+        self._trash = Trash(state_dir)
+        self._store = StateStore(state_dir, self._trash)
+        self._sockets = SocketDirs(state_dir / "sockets", self._root, self._trash)
         self._policy = policy
         self._limits = limits
         self._tg = task_group
         self._volumes: dict[str, Published] = {}
         self._busy: set[str] = set()
+        self._native = _NativeDirUse()
+        # One background pass at a time empties the trash.
+        self._emptying_trash = False
+        self._empty_trash_again = False
 
     @property
     def kubelet_root(self) -> str:
@@ -106,15 +139,25 @@ class VolumeManager:
                 return
             # Shielded: a kubelet deadline must not leave half a volume behind.
             with anyio.CancelScope(shield=True):
-                published = await self._set_up(spec, restoring=False)
+                native = await self._native.use(spec)
                 try:
-                    # The record is on disk before the volume counts as
-                    # published: a publish acknowledged once survives a
-                    # driver crash, and a failed save is retried by kubelet
-                    # against a clean slate instead of being answered OK.
-                    await anyio.to_thread.run_sync(self._store.save, record)
+                    # The record is saved in the same hop, before the volume
+                    # counts as published: a publish acknowledged once
+                    # survives a driver crash, and a failed save is retried
+                    # by kubelet against a clean slate instead of being
+                    # answered OK.
+                    prepared = await anyio.to_thread.run_sync(self._prepare, spec, record)
+                    try:
+                        published = await self._serve(spec, prepared)
+                    except BaseException:
+                        await anyio.to_thread.run_sync(self._discard, spec, prepared, True)
+                        raise
                 except BaseException:
-                    await self._undo(published, spec.target)
+                    with_pod_dir = self._native.release(native)
+                    if with_pod_dir is not None:
+                        assert native is not None
+                        await self._retire(native, with_pod_dir)
+                    self._empty_trash_later()  # a record _discard took back
                     raise
                 self._volumes[key] = published
                 metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
@@ -134,6 +177,8 @@ class VolumeManager:
         """
         restored = 0
         records, unreadable = await anyio.to_thread.run_sync(self._store.load)
+        # What unpublishes before a restart left in the trash.
+        self._empty_trash_later()
         for name in unreadable:
             # Its volume cannot be set up again: say so where operators look.
             self._restore_failed(
@@ -153,18 +198,22 @@ class VolumeManager:
             except Exception as err:
                 self._restore_failed(f"cannot validate volume record: {err!r}", fields)
                 continue
+            native = await self._native.use(spec)
             try:
-                published = await self._set_up(spec, restoring=True)
+                published = await self._set_up_again(spec)
             except PublishFailed as err:
+                self._native.release(native)
                 self._restore_failed(f"volume not restored: {err}", fields)
                 continue
             except Exception as err:
+                self._native.release(native)
                 log.error("restoring a volume failed", exc_info=True, extra={"fields": fields})
                 self._restore_failed(f"volume not restored: {type(err).__name__}: {err}", fields)
                 continue
             self._volumes[spec.target.absolute] = published
             restored += 1
             metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
+        self._empty_trash_later()  # the records dropped above
         return restored
 
     @staticmethod
@@ -176,55 +225,98 @@ class VolumeManager:
             detail=message, **fields,
         )  # fmt: skip
 
-    async def _set_up(self, spec: PublishSpec, *, restoring: bool) -> Published:
-        target_created, existing = await anyio.to_thread.run_sync(
-            targets.make_target, self._root, spec.target, restoring
-        )
+    async def _set_up_again(self, spec: PublishSpec) -> Published:
+        """Restore one volume: its record is on disk already, a mount on it is adopted."""
+        prepared = await anyio.to_thread.run_sync(self._prepare, spec, None)
+        try:
+            return await self._serve(spec, prepared)
+        except BaseException:
+            # Not serving: only the socket is ours to undo; an adopted mount
+            # stays with its daemon (unpublish detaches it), and so does
+            # the record (kubelet's unpublish still cleans it up).
+            await anyio.to_thread.run_sync(self._discard, spec, prepared, False)
+            raise
+
+    def _prepare(self, spec: PublishSpec, record: VolumeRecord | None) -> _Prepared:
+        """A publish's blocking work, in one worker thread: target, socket or bind, record.
+
+        record is None when restoring: it is on disk already, and a mount
+        found on the target is this driver's, to adopt. On failure, whatever
+        this made is undone before it raises.
+        """
+        restoring = record is None
+        created, existing = targets.make_target(self._root, spec.target, restoring)
+        bound = None
+        bind_made = False
         try:
             if spec.kind == "socket":
                 if not existing:
                     assert spec.attributes.socket_for is not None
-                    await anyio.to_thread.run_sync(
-                        self._sockets.bind_onto, spec.target, spec.attributes.socket_for
-                    )
-                return Published(spec)
-            broker = await self._new_broker(spec)
-            try:
-                fuse_mounts = [m for m in existing if m.is_fuse]
-                if fuse_mounts:
-                    await anyio.to_thread.run_sync(broker.adopt, fuse_mounts[-1])
-                await self._tg.start(broker.serve)
-            except BaseException:
-                # Not serving yet: only the socket is ours to undo; an adopted
-                # mount stays with its daemon (unpublish detaches it).
-                await anyio.to_thread.run_sync(broker.discard)
-                raise
-            return Published(spec, broker)
+                    self._sockets.bind_onto(spec.target, spec.attributes.socket_for)
+                    bind_made = True
+            else:
+                bound = self._bind_socket(spec)
+            if record is not None:
+                self._store.save(record)
         except BaseException:
-            if target_created:
-                await anyio.to_thread.run_sync(targets.remove_target, self._root, spec.target)
+            if bound is not None:
+                sockets.remove(bound)
+            if bind_made:
+                targets.detach_any_and_remove_target(self._root, spec.target)
+            elif created or not restoring:
+                # A new publish: nobody but us creates the target (kubelet
+                # makes its parent). A restore keeps a target it found.
+                targets.remove_target(self._root, spec.target)
+            raise
+        return _Prepared(created, [m for m in existing if m.is_fuse], bound)
+
+    def _bind_socket(self, spec: PublishSpec) -> sockets.BoundSocket:
+        """Listen on a FUSE volume's socket (blocking)."""
+        dir_fd = self._sockets.open_for(spec)
+        name = socket_name(spec)
+        try:
+            return sockets.listen_in(dir_fd, name)
+        except OSError as err:
+            # The socket's directory may be the pod's own emptyDir: whatever
+            # the pod did there is its problem, reported, never INTERNAL.
+            os.close(dir_fd)
+            reason = str(err) if isinstance(err, FileExistsError) else err.strerror or err
+            raise PublishFailed(f"cannot create the broker socket {name!r}: {reason}") from None
+        except BaseException:
+            os.close(dir_fd)
             raise
 
-    async def _new_broker(self, spec: PublishSpec) -> VolumeBroker:
+    async def _serve(self, spec: PublishSpec, prepared: _Prepared) -> Published:
+        """Start the volume's broker on its bound socket (a socket volume has none)."""
+        if prepared.bound is None:
+            return Published(spec)
+        broker = self._new_broker(spec, prepared.bound)
+        prepared.bound = None  # the broker's from now on (broker.discard undoes it)
+        try:
+            if prepared.fuse_mounts:
+                await anyio.to_thread.run_sync(broker.adopt, prepared.fuse_mounts[-1])
+            await self._tg.start(broker.serve)
+        except BaseException:
+            # Not serving yet: only the socket is ours to undo; an adopted
+            # mount stays with its daemon (unpublish detaches it).
+            await anyio.to_thread.run_sync(broker.discard)
+            raise
+        return Published(spec, broker)
+
+    def _discard(self, spec: PublishSpec, prepared: _Prepared, forget: bool) -> None:
+        """Undo a _prepare whose volume never served (blocking); forget: its record too."""
+        if prepared.bound is not None:
+            sockets.remove(prepared.bound)
+        if spec.kind == "socket" and forget:
+            targets.detach_any_and_remove_target(self._root, spec.target)
+        elif prepared.target_created or forget:
+            targets.remove_target(self._root, spec.target)
+        if forget:
+            self._store.remove(spec.target.absolute)
+
+    def _new_broker(self, spec: PublishSpec, bound: sockets.BoundSocket) -> VolumeBroker:
         """A broker listening on the volume's socket, not serving yet."""
-
-        def bind() -> sockets.BoundSocket:
-            dir_fd = self._sockets.open_for(spec)
-            name = socket_name(spec)
-            try:
-                return sockets.listen_in(dir_fd, name)
-            except OSError as err:
-                # The socket's directory may be the pod's own emptyDir: whatever
-                # the pod did there is its problem, reported, never INTERNAL.
-                os.close(dir_fd)
-                reason = str(err) if isinstance(err, FileExistsError) else err.strerror or err
-                raise PublishFailed(f"cannot create the broker socket {name!r}: {reason}") from None
-            except BaseException:
-                os.close(dir_fd)
-                raise
-
-        bound = await anyio.to_thread.run_sync(bind)
-        broker = VolumeBroker(
+        return VolumeBroker(
             target=VolumeTarget(
                 relative=spec.target.relative,
                 absolute=spec.target.absolute,
@@ -242,7 +334,6 @@ class VolumeManager:
             limits=self._limits,
             mount_records=self._store.mounts,
         )
-        return broker
 
     # ------------------------------------------------------------------ unpublish
 
@@ -250,36 +341,92 @@ class VolumeManager:
         key = target.absolute
         with self._claim(key), anyio.CancelScope(shield=True):
             published = self._volumes.get(key)
-            await self._undo(published, target)
-            self._volumes.pop(key, None)
-            await anyio.to_thread.run_sync(self._store.remove, key)
-            metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
+            broker = published.broker if published is not None else None
+            if broker is not None:
+                # Requests in progress roll back; our own mount is aborted
+                # and detached while its fd still pins it.
+                await broker.stop()
+            # Decided with no await before the hop starts: a publish of the
+            # other half that came first is counted, one that comes later
+            # waits for the retire.
+            native = None if published is None else _native_dir_of(published.spec)
+            retire: tuple[_NativeDir, bool] | None = None
+            if native is not None:
+                with_pod_dir = self._native.last_user(native)
+                if with_pod_dir is not None:
+                    retire = (native, with_pod_dir)
+                    self._native.begin_retire(native)
+            try:
+                # Whatever the table says, the target is cleaned: a volume
+                # whose restore was skipped still has its record, maybe a mount.
+                await anyio.to_thread.run_sync(self._tear_down, target, broker, retire)
+            finally:
+                if retire is not None:
+                    self._native.end_retire(retire[0])
+                self._empty_trash_later()  # the record, and the socket dir if retired
+            if published is not None:
+                del self._volumes[key]
+                self._native.release(native)
+                metrics.PUBLISHED_VOLUMES.set(len(self._volumes))
 
-    async def _undo(self, published: Published | None, target: TargetPath) -> None:
-        """Take down what publish set up, and whatever is left on the target."""
-        if published is not None:
-            if published.broker is not None:
-                await published.broker.close()
-            unused = self._unused_native_dir(published.spec)
-            if unused is not None:
-                await anyio.to_thread.run_sync(remove_empty_dirs, unused)
-        await anyio.to_thread.run_sync(targets.detach_any_and_remove_target, self._root, target)
+    def _tear_down(
+        self,
+        target: TargetPath,
+        broker: VolumeBroker | None,
+        retire: tuple[_NativeDir, bool] | None,
+    ) -> None:
+        """An unpublish's blocking work, in one worker thread.
 
-    def _unused_native_dir(self, spec: PublishSpec) -> Path | None:
-        """The native socket dir of this volume, if neither of its two volumes needs it.
-
-        Runs on the event loop: the volume table is only read there.
+        The socket (if it is still ours), anything mounted on the target, the
+        target directory, the native socket dir once neither of its two
+        volumes uses it (retire: which, and whether its pod dir goes too),
+        and last the records: a failure on the way leaves the record, so
+        kubelet's retry (or a restart) still knows the volume.
         """
-        if not uses_native_dir(spec):
-            return None
-        owner = native_dir_owner(spec)
-        for other in self._volumes.values():
-            o = other.spec
-            if o is spec or o.target.pod_uid != spec.target.pod_uid or not uses_native_dir(o):
-                continue
-            if native_dir_owner(o) == owner:
-                return None  # the other half is still published
-        return self._sockets.native(spec.target.pod_uid, owner)
+        if broker is not None:
+            broker.remove_socket()
+        targets.detach_any_and_remove_target(self._root, target)
+        if retire is not None:
+            (pod_uid, owner), with_pod_dir = retire
+            self._sockets.retire(pod_uid, owner, with_pod_dir=with_pod_dir)
+        self._store.remove(target.absolute)
+
+    # ------------------------------------------------------------------ native socket dirs
+
+    async def _retire(self, native: _NativeDir, with_pod_dir: bool) -> None:
+        """Retire a native socket dir no volume uses (a hop of its own)."""
+        self._native.begin_retire(native)
+        try:
+            await anyio.to_thread.run_sync(
+                functools.partial(self._sockets.retire, *native, with_pod_dir=with_pod_dir)
+            )
+        finally:
+            self._native.end_retire(native)
+        self._empty_trash_later()
+
+    def _empty_trash_later(self) -> None:
+        """Delete what unpublishes moved to the trash, in the background, one pass at a time."""
+        if self._emptying_trash:
+            self._empty_trash_again = True
+            return
+        self._emptying_trash = True
+        self._tg.start_soon(self._empty_trash)
+
+    async def _empty_trash(self) -> None:
+        try:
+            while True:
+                # A moment later, so that one pass takes what a burst of
+                # unpublishes left, and stays out of their way meanwhile.
+                await anyio.sleep(TRASH_DELAY)
+                self._empty_trash_again = False
+                await anyio.to_thread.run_sync(self._trash.empty)
+                if not self._empty_trash_again:
+                    return
+        except Exception:
+            # Only what unpublishes moved away is left behind; the next pass retries.
+            log.warning("emptying the trash failed", exc_info=True)
+        finally:
+            self._emptying_trash = False
 
     # ------------------------------------------------------------------ shutdown
 
@@ -294,6 +441,83 @@ class VolumeManager:
 
     def _claim(self, key: str) -> _Claim:
         return _Claim(self._busy, key)
+
+
+@dataclass(slots=True)
+class _Retiring:
+    """Retires of one pod's native socket dirs in progress; its publishes wait."""
+
+    count: int = 0
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class _NativeDirUse:
+    """Which native socket dirs volumes use; on the event loop only.
+
+    A native dir (sockets/<pod uid>/<volume>) serves a FUSE volume and its
+    socketFor volume, and goes with the last of the two. Counted per dir
+    and per pod, so that an unpublish never scans the table (thousands of
+    volumes), with publishes in progress counted too, so that a dir the
+    other half is being published into stays. A retire moves directories a
+    publish of the same pod could be creating entries in, so such a publish
+    waits for it (a rename or two in a worker thread: a bounded wait).
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[_NativeDir, int] = {}
+        self._by_pod: dict[str, int] = {}
+        self._retiring: dict[str, _Retiring] = {}
+
+    async def use(self, spec: PublishSpec) -> _NativeDir | None:
+        """Count one more user of the volume's native dir, once no retire of its pod runs."""
+        native = _native_dir_of(spec)
+        if native is None:
+            return None
+        pod_uid = native[0]
+        self._users[native] = self._users.get(native, 0) + 1
+        self._by_pod[pod_uid] = self._by_pod.get(pod_uid, 0) + 1
+        while (retiring := self._retiring.get(pod_uid)) is not None:
+            await retiring.done.wait()
+        return native
+
+    def last_user(self, native: _NativeDir) -> bool | None:
+        """If the caller is the dir's only user: whether it is the pod's last too; else None."""
+        users = self._users.get(native, 0)
+        if users > 1:
+            return None
+        return self._by_pod.get(native[0], 0) <= users
+
+    def release(self, native: _NativeDir | None) -> bool | None:
+        """Count one user fewer; if the dir is now unused: whether its pod's are all, else None."""
+        if native is None:
+            return None
+        pod_uid = native[0]
+        users = self._users.pop(native, 0) - 1
+        in_pod = self._by_pod.pop(pod_uid, 0) - 1
+        if in_pod > 0:
+            self._by_pod[pod_uid] = in_pod
+        if users > 0:
+            self._users[native] = users
+            return None
+        return in_pod <= 0
+
+    def begin_retire(self, native: _NativeDir) -> None:
+        retiring = self._retiring.setdefault(native[0], _Retiring())
+        retiring.count += 1
+
+    def end_retire(self, native: _NativeDir) -> None:
+        retiring = self._retiring[native[0]]
+        retiring.count -= 1
+        if retiring.count == 0:
+            del self._retiring[native[0]]
+            retiring.done.set()
+
+
+def _native_dir_of(spec: PublishSpec) -> _NativeDir | None:
+    """The native socket dir a volume uses (its own, or socketFor's), if any."""
+    if not uses_native_dir(spec):
+        return None
+    return spec.target.pod_uid, native_dir_owner(spec)
 
 
 class _Claim:

@@ -25,6 +25,7 @@ from csi_async.mount import fuse
 from csi_async.mount.paths import PinnedRoot
 from csi_async.volumes.errors import PublishFailed
 from csi_async.volumes.spec import PublishSpec
+from csi_async.volumes.trash import Trash
 
 NATIVE_SOCKET_NAME = "fuse.sock"
 # World-readable: the pod sees it through its read-only bind, and its FUSE
@@ -35,9 +36,10 @@ SOCKET_DIR_MODE = 0o755
 class SocketDirs:
     """The socket directories of every volume: the native ones and the pods' emptyDirs."""
 
-    def __init__(self, socket_root: Path, kubelet_root: PinnedRoot) -> None:
+    def __init__(self, socket_root: Path, kubelet_root: PinnedRoot, trash: Trash) -> None:
         self._socket_root = socket_root
         self._root = kubelet_root
+        self._trash = trash
 
     def native(self, pod_uid: str, volume_name: str) -> Path:
         return self._socket_root / pod_uid / volume_name
@@ -46,11 +48,47 @@ class SocketDirs:
         # The state dir is broker-owned and unreachable from pods (0700), and
         # pod_uid / volume_name are validated as a UUID and a DNS label.
         path = self.native(pod_uid, volume_name)
-        path.parent.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.parent.parent.mkdir(mode=0o711, exist_ok=True)
-        path.parent.mkdir(mode=0o711, exist_ok=True)
-        path.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
+        # Deepest first, going up only on ENOENT, then down again: one mkdir
+        # when the other half of the pair made the directory, two for a new
+        # pod, more only if someone removed the upper levels.
+        levels = ((path.parent.parent, 0o711), (path.parent, 0o711), (path, SOCKET_DIR_MODE))
+        level = len(levels) - 1
+        while True:
+            directory, mode = levels[level]
+            try:
+                os.mkdir(directory, mode)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                if level == 0:
+                    # The state dir itself is gone: made again, then raise if
+                    # the socket root still cannot be.
+                    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    directory.mkdir(mode=mode, exist_ok=True)
+                else:
+                    level -= 1
+                    continue
+            if level == len(levels) - 1:
+                break
+            level += 1
         return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def retire(self, pod_uid: str, volume_name: str, *, with_pod_dir: bool) -> None:
+        """Take an unused native socket dir out of sockets/ now, into the trash; blocking.
+
+        with_pod_dir: no other native dir of the pod is in use, so the pod
+        dir goes too if it is empty. The caller keeps the pod's publishes
+        waiting meanwhile, so nothing is created in a dir while it moves.
+        """
+        path = self.native(pod_uid, volume_name)
+        self._trash.move(path)
+        if with_pod_dir:
+            try:
+                if os.listdir(path.parent):
+                    return  # holds a dir this driver does not count: left alone
+            except FileNotFoundError:
+                return
+            self._trash.move(path.parent)
 
     def bind_onto(self, target: TargetPath, socket_for: str) -> None:
         """Show the native socket dir of the pod's volume `socket_for` read-only on target."""
@@ -106,12 +144,3 @@ def uses_native_dir(spec: PublishSpec) -> bool:
 def native_dir_owner(spec: PublishSpec) -> str:
     """The FUSE volume whose native socket dir this volume uses (its own, or socketFor's)."""
     return spec.attributes.socket_for or spec.target.volume_name
-
-
-def remove_empty_dirs(path: Path) -> None:
-    """rmdir a socket dir and its pod dir, stopping at the first that is not empty."""
-    for directory in (path, path.parent):
-        try:
-            directory.rmdir()
-        except OSError:
-            return
