@@ -58,8 +58,8 @@ class Settings(BaseModel):
     log_level: LogLevel = Field(default="info", description="Log verbosity.")
     allow_other: bool = Field(
         default=True,
-        description="Mount FUSE with allow_other (with default_permissions), so "
-        "containers running as other uids can read the mount.",
+        description="Mount FUSE with allow_other, so containers running as other uids "
+        "can use the mount (default_permissions only when the program asks for it).",
     )
 
     peer_check: Literal["cgroup", "off"] = Field(

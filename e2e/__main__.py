@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="libfuse's example binaries (built there if missing)")  # fmt: skip
     p.add_argument("--json", type=Path, help="write every result, with timings, here")
     p.add_argument("--markdown", type=Path, help="write the generated document here")
-    rows = [impl.name for impl in matrix.select()]
+    rows = matrix.row_names()
     p.add_argument("--only", action="append", metavar="NAME", choices=rows,
                    help=f"run only this row (repeatable): {', '.join(rows)}")  # fmt: skip
     p = sub.add_parser("soak", help="pods mount, read and unmount in a loop (see e2e/soak.py)")

@@ -30,9 +30,10 @@ view and then execs the program as an unprivileged user:
   **/dev/fuse as a bind of /dev/null** — libfuse's open("/dev/fuse") works, its
   own mount(2) fails with EPERM, so it falls back to the fusermount3 helper;
 * the given zipapp bound read-only over /usr/bin/fusermount3 (and every other
-  fusermount name that resolves to a distinct file; on this Debian /bin is a
-  symlink to usr/bin and fusermount is a symlink to fusermount3, so there is
-  exactly one bind);
+  helper name in FUSERMOUNT_PATHS that resolves to a distinct file; on this
+  Debian /bin is a symlink to usr/bin and fusermount is a symlink to
+  fusermount3, so there is one bind, and a second over mergerfs's
+  /usr/bin/mergerfs-fusermount where the mergerfs package is installed);
 * private tmpfs on /tmp and /run (configurable), so volume binds can be made
   at container paths that do not exist on the host, below those;
 * volume binds {container path: host path}, recursive, created on top of the
@@ -86,11 +87,15 @@ from e2e import privileges, sandbox_init
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_TMPFS = ("/tmp", "/run")
+# Every name FUSE programs exec their helper by (fusermount3_proxy/names.py),
+# where images have it: mergerfs looks in /usr/local/bin first, then PATH.
 FUSERMOUNT_PATHS = (
     "/usr/bin/fusermount3",
     "/usr/bin/fusermount",
     "/bin/fusermount3",
     "/bin/fusermount",
+    "/usr/local/bin/mergerfs-fusermount",
+    "/usr/bin/mergerfs-fusermount",
 )
 NOBODY = 65534
 # How long spawn() waits for a container to be set up before returning anyway.
@@ -392,7 +397,7 @@ class PodSandbox:
                 os.lstat(host)
             except FileNotFoundError:
                 if not is_cri:
-                    raise FileNotFoundError(f"bind source {host} does not exist") from None
+                    raise FileNotFoundError(f"bind source {host} does not exist (ENOENT)") from None
             except OSError:
                 pass
             if is_cri:

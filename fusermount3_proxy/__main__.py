@@ -2,7 +2,8 @@
 
     fuse-starter ... | fusermount3 --start ...   starter.py
     fusermount3 --wait ...                       wait.py
-    fusermount3 [options] mountpoint             cli.py (fusermount, too)
+    fusermount3 [options] mountpoint             cli.py (fusermount and
+                                                 mergerfs-fusermount, too: names.py)
 
 This runs on every mount, and every module imported costs start-up time, so
 imports are kept to what each path needs. fuser runs "<helper> -h" before
@@ -40,14 +41,16 @@ def main() -> None:
         sys.exit(wait.main(argv))
     # Same output as cli.py gives for these argument lists, minus its cost.
     if argv[1:] in (["-h"], ["--help"]):
-        from fusermount3_proxy.output import USAGE, write
+        from fusermount3_proxy.names import helper_for
+        from fusermount3_proxy.output import print_usage
 
-        write(1, USAGE % argv[0])
+        print_usage(helper_for(argv[0]), argv[0])
         _exit(1)
     if argv[1:] in (["-V"], ["--version"]):
+        from fusermount3_proxy.names import helper_for
         from fusermount3_proxy.output import version_line, write
 
-        write(1, version_line())
+        write(1, version_line(helper_for(argv[0])))
         _exit(0)
     from fusermount3_proxy import cli
 

@@ -1,7 +1,10 @@
 """The fusermount3 command line, relayed to the csi-async broker: parse, then act.
 
+Installed as mergerfs-fusermount it speaks that helper's (libfuse 2.9's)
+command line instead; names.py says which name speaks which.
+
 Behaves like fusermount3 3.14-3.18 towards its callers (libfuse 2/3, go-fuse,
-bazil, jacobsa, fuser, the fuse3 crate): same options, same messages, same
+bazil and jacobsa, each run by the compatibility matrix): same options, same messages, same
 exit codes, and the /dev/fuse fd delivered over _FUSE_COMMFD with exactly one
 sendmsg. The mount itself is made by the broker.
 
@@ -23,7 +26,8 @@ from fusermount3_proxy import getenv
 from fusermount3_proxy.commfd import is_socket, parse_commfd, send_fd
 from fusermount3_proxy.getopt import GetoptError, GetoptLong
 from fusermount3_proxy.mountpoint import MountpointError, resolve_mountpoint
-from fusermount3_proxy.output import USAGE, error, version_line, write
+from fusermount3_proxy.names import MERGERFS_FUSERMOUNT, helper_for
+from fusermount3_proxy.output import error, print_usage, version_line, write
 
 SHORT_OPTIONS = "hVo:uzq"
 # long name -> (short key, takes an argument). "--sync-init" is deliberately
@@ -39,12 +43,18 @@ LONG_OPTIONS: dict[str, tuple[str, bool]] = {
     "auto-unmount": ("U", False),
     "comm-fd": ("c", True),
 }
+# libfuse 2.9's fusermount (mergerfs's fork of it) knows only these.
+LIBFUSE2_LONG_OPTIONS = {
+    name: LONG_OPTIONS[name] for name in ("unmount", "lazy", "quiet", "help", "version")
+}
 
 
 class _Args:
     """What the command line asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, helper: str) -> None:
+        # Whose command line this is (names.py): what -h and -V print.
+        self.helper = helper
         self.opts: str | None = None
         self.unmount = False
         self.lazy = False
@@ -114,8 +124,9 @@ def _parse(progname: str, argv: list[str]) -> _Args | int:
     Returns an exit status when parsing itself ended the run ("-h", "-V", or
     a bad option, whichever comes first).
     """
-    args = _Args()
-    options = GetoptLong(argv, SHORT_OPTIONS, LONG_OPTIONS)
+    args = _Args(helper_for(progname))
+    long_options = LIBFUSE2_LONG_OPTIONS if args.helper == MERGERFS_FUSERMOUNT else LONG_OPTIONS
+    options = GetoptLong(argv, SHORT_OPTIONS, long_options)
     try:
         for key, optarg in options:
             done = _apply(progname, args, key, optarg)
@@ -130,10 +141,10 @@ def _parse(progname: str, argv: list[str]) -> _Args | int:
 
 def _apply(progname: str, args: _Args, key: str, optarg: str | None) -> int | None:
     if key == "h":
-        write(1, USAGE % progname)
+        print_usage(args.helper, progname)
         return 1
     if key == "V":
-        write(1, version_line())
+        write(1, version_line(args.helper))
         return 0
     if key == "o":
         args.opts = optarg

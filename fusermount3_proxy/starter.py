@@ -4,8 +4,9 @@
     fusermount3 --start [-o OPTIONS] [--keep-mount] -- PROGRAM [ARGS...]
 
 For FUSE programs that accept an already-mounted "/dev/fd/N" instead of a
-mountpoint (libfuse >= 3.3, go-fuse, jacobsa/fuse): no fusermount3 call and
-no /dev/fuse in the container are needed. Each argument that is exactly
+mountpoint (libfuse >= 3.3, go-fuse; by their source, newer jacobsa/fuse
+releases, untested here): no fusermount3 call and no /dev/fuse in the
+container are needed. Each argument that is exactly
 "/dev/fd/N" is replaced by the fd the program inherits.
 """
 

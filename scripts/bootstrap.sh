@@ -9,6 +9,8 @@ packages=(
   python3 python3-venv gcc pkg-config util-linux procps
   fuse3 libfuse3-dev libfuse2
   sshfs openssh-sftp-server bindfs gocryptfs rclone s3fs python3-pyfuse3
+  mergerfs fuse-zip fuse-posixovl squashfuse squashfs-tools fuse-overlayfs unionfs-fuse
+  archivemount golang-go golang-github-jacobsa-fuse-dev ntfs-3g
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build libfuse3's example filesystems (hello, passthrough, and passthrough_hp
-# if its source is present) from Debian's libfuse3-dev examples, for the e2e
+# if its source is present) from Debian's libfuse3-dev examples, and
+# e2e/fs/jacobsa_flatfs against Debian's jacobsa/fuse Go source, for the e2e
 # tests. They run as uid 65534 inside test sandboxes, so the results are mode
 # 0755 in 0755 directories.
 #
@@ -76,6 +77,41 @@ if fetch passthrough_hp.cc 2>/dev/null; then
   else
     echo "build_fuse_examples: passthrough_hp.cc did not build; skipped (optional)" >&2
   fi
+fi
+
+# jacobsa/fuse (the library of gcsfuse and goofys): Debian ships it as Go
+# source, golang-github-jacobsa-fuse-dev, built here in GOPATH mode with
+# Debian's go. Its 2015 internal/buffer/runtime.s no longer links with a
+# current Go; e2e/fs/jacobsa_flatfs/buffer_shim replaces those two files
+# through -overlay (see its runtime.go). Without go or the library the
+# binary is missing and the matrix says so.
+gocode=${GOCODE_DIR:-/usr/share/gocode}
+jacobsa_buffer=$gocode/src/github.com/jacobsa/fuse/internal/buffer
+flatfs=e2e/fs/jacobsa_flatfs
+if command -v go >/dev/null && [ -d "$jacobsa_buffer" ]; then
+  stale=0
+  for src in "$flatfs/main.go" "$flatfs/buffer_shim/runtime.go" "$flatfs/buffer_shim/runtime.s"; do
+    [ "$out/jacobsa-flatfs" -nt "$src" ] || stale=1
+  done
+  if [ "$stale" = 1 ]; then
+    gotmp=$(mktemp -d)
+    shim=$(pwd -P)/$flatfs/buffer_shim
+    printf '{"Replace":{"%s":"%s","%s":"%s"}}' \
+      "$jacobsa_buffer/runtime.go" "$shim/runtime.go" \
+      "$jacobsa_buffer/runtime.s" "$shim/runtime.s" >"$gotmp/overlay.json"
+    if GO111MODULE=off GOPATH="$gocode:$gotmp/gopath" GOCACHE="$gotmp/cache" GOFLAGS= \
+         go build -overlay "$gotmp/overlay.json" -o "$gotmp/jacobsa-flatfs" "$flatfs/main.go"; then
+      mv -f "$gotmp/jacobsa-flatfs" "$out/jacobsa-flatfs"
+      echo "built $out/jacobsa-flatfs"
+    else
+      echo "build_fuse_examples: $flatfs did not build against $gocode" >&2
+    fi
+    rm -rf "$gotmp"
+  fi
+  [ -f "$out/jacobsa-flatfs" ] && chmod 0755 "$out/jacobsa-flatfs"
+else
+  echo "build_fuse_examples: no go or no $jacobsa_buffer (apt-get install golang-go" \
+       "golang-github-jacobsa-fuse-dev): jacobsa-flatfs not built" >&2
 fi
 
 # Make sure uid 65534 can actually get there: every directory from / down.

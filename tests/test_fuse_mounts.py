@@ -96,6 +96,58 @@ def test_a_read_only_volume_mounts_read_only(node: Node, fuse_examples: Path) ->
     assert "ro" in mount.super_options
 
 
+@pytest.mark.parametrize("asked", [[], ["-o", "default_permissions"]], ids=["plain", "asked"])
+def test_the_mount_has_the_programs_options_plus_only_what_safety_requires(
+    node: Node, fuse_examples: Path, asked: list[str]
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    hello = start(sandbox, [str(fuse_examples / "hello"), "-f", *asked, DATA])
+    mount = node.wait_mounted_by(hello, volume.target)
+    # Per mount: libfuse's own "rw", the always-on nosuid,nodev, the
+    # kernel's default atime mode. Per superblock: the ids the broker sets,
+    # the node's allow_other, and default_permissions only if asked for
+    # (fusermount3 never adds it either).
+    assert set(mount.mount_options) == {"rw", "nosuid", "nodev", "relatime"}
+    expected = {"rw", "user_id=65534", "group_id=65534", "allow_other"}
+    if asked:
+        expected.add("default_permissions")
+    assert set(mount.super_options) == expected
+
+
+@pytest.mark.parametrize(
+    ("asked", "allowed"), [([], True), (["-o", "default_permissions"], False)],
+    ids=["daemon-checks", "kernel-checks"],
+)  # fmt: skip
+def test_a_non_owner_writes_when_the_daemon_leaves_permission_checks_to_itself(
+    node: Node, fuse_examples: Path, tmp_path: Path, asked: list[str], allowed: bool
+) -> None:
+    # passthrough, run as uid 65534, reports the source dir as 65534's, mode
+    # 0755, and does every write as 65534 itself. A writer of uid 1000 gets
+    # through unless the kernel checks those modes (default_permissions).
+    source = tmp_path / "source"
+    source.mkdir()
+    os.chown(source, 65534, 65534)
+    source.chmod(0o755)
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox({**volume.binds(DATA), "/run/source": source})
+    program = start(sandbox, [str(fuse_examples / "passthrough"), "-f", *asked, DATA])
+    node.wait_mounted_by(program, volume.target)
+    writer = node.sandbox({DATA: volume.target}, uid=1000, gid=1000)
+    write = writer.run(
+        ["sh", "-c", f"echo written > {DATA}/run/source/by-1000.txt"], capture_output=True,
+        timeout=15,
+    )  # fmt: skip
+    if allowed:
+        assert write.returncode == 0, write.stderr
+        assert (source / "by-1000.txt").read_text() == "written\n"
+        assert (source / "by-1000.txt").stat().st_uid == 65534
+    else:
+        assert write.returncode != 0
+        assert b"Permission denied" in write.stderr
+        assert not (source / "by-1000.txt").exists()
+
+
 def test_suid_and_dev_never_appear(node: Node, fuse_examples: Path) -> None:
     volume = node.publish_fuse_volume(Pod("app"))
     sandbox = node.sandbox(volume.binds(DATA))
@@ -221,7 +273,63 @@ def test_a_second_mount_while_the_first_daemon_lives_is_busy(
     second = sandbox.run([str(fuse_examples / "hello"), "-f", DATA], capture_output=True,
                          timeout=30)  # fmt: skip
     assert second.returncode != 0
-    assert "already mounted" in second.stderr.decode()
+    assert (
+        f"fusermount3: {DATA} is already mounted: the volume's FUSE filesystem is there and "
+        f"its daemon is still running; stop that program or unmount it first with "
+        f"fusermount3 -u {DATA}\n"
+    ) in second.stderr.decode()
+    assert first.poll() is None
+
+
+def test_a_mount_below_the_volumes_live_mount_is_told_it_needs_a_volume_of_its_own(
+    node: Node, fuse_examples: Path, tmp_path: Path
+) -> None:
+    # What an automounter (afuse) or a program given a directory inside the
+    # mounted filesystem does: its mountpoint is below the first mount.
+    source = tmp_path / "source"
+    (source / "sub").mkdir(parents=True)
+    source.chmod(0o755)
+    (source / "sub").chmod(0o777)
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox({**volume.binds(DATA), "/run/source": source})
+    first = start(sandbox, [str(fuse_examples / "passthrough"), "-f", DATA])
+    node.wait_mounted_by(first, volume.target)
+    below = f"{DATA}/run/source/sub"
+    second = sandbox.run([str(fuse_examples / "hello"), "-f", below], capture_output=True,
+                         timeout=30)  # fmt: skip
+    assert second.returncode != 0
+    assert (
+        f"fusermount3: {below} is inside the volume's FUSE filesystem, which is already "
+        f"mounted at {DATA} and still served: a volume holds one FUSE mount, on its root, "
+        f"whatever mountpoint is asked for, so nothing can be mounted below it (an "
+        f"automounter such as afuse included); give the second filesystem a csi-async "
+        f"volume (and broker socket) of its own\n"
+    ) in second.stderr.decode()
+    assert first.poll() is None
+    assert len([m for m in mounts_at(os.fspath(volume.target)) if m.is_fuse]) == 1
+
+
+def test_a_mount_elsewhere_through_a_mounted_volumes_socket_is_told_where_it_lands(
+    node: Node, fuse_examples: Path
+) -> None:
+    volume = node.publish_fuse_volume(Pod("app"))
+    sandbox = node.sandbox(volume.binds(DATA))
+    first = start(sandbox, [str(fuse_examples / "hello"), "-f", DATA])
+    node.wait_mounted_by(first, volume.target)
+    # An automounter's private directory, say: not on the volume at all, yet
+    # the broker socket only ever mounts on the volume.
+    second = sandbox.run(
+        ["sh", "-c", f"mkdir /tmp/elsewhere && exec {fuse_examples / 'hello'} -f /tmp/elsewhere"],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert second.returncode != 0
+    assert (
+        f"fusermount3: the volume is already mounted (at {DATA}) and its FUSE daemon is still "
+        f"running: /tmp/elsewhere would land on the same volume, since a volume holds one "
+        f"FUSE mount, on its root, whatever mountpoint is asked for; give the second "
+        f"filesystem a csi-async volume (and broker socket) of its own, or unmount the first "
+        f"with fusermount3 -u {DATA}\n"
+    ) in second.stderr.decode()
     assert first.poll() is None
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from fusermount3_proxy.names import HELPER_NAMES
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "validate_manifests.py"
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -573,14 +575,30 @@ def test_the_containerfile_ships_the_zipapp_alone_and_runs_the_driver() -> None:
     text = (REPO / "Containerfile").read_text()
     stage = text[text.index("FROM scratch AS fusermount3") :]
     stage = stage[: stage.index("\nFROM ")]
-    assert re.findall(r"^(COPY|RUN|ADD)\b.*$", stage, re.M) == ["COPY"]
+    assert set(re.findall(r"^(COPY|RUN|ADD)\b.*$", stage, re.M)) == {"COPY"}
     assert "COPY --from=build /src/build/fusermount3 /fusermount3" in stage
+    # Under every helper name (fusermount3_proxy/names.py), each in the
+    # directory its callers look in first.
+    installed = re.findall(r"^COPY --from=build /src/build/fusermount3 (\S+)$", stage, re.M)
+    assert {path.rpartition("/")[2] for path in installed} == {*HELPER_NAMES}
+    assert {"/usr/bin/fusermount3", "/usr/local/bin/mergerfs-fusermount"} <= set(installed)
     assert "scripts/build_zipapp.py -o build/fusermount3" in text
     # The node plugin is the default target and runs `csi-async serve`.
     last = text[[m.start() for m in _FROM.finditer(text)][-1] :]
     assert 'ENTRYPOINT ["/opt/csi-async/bin/csi-async"]' in last
     assert 'CMD ["serve"]' in last
     assert "--constraint requirements/constraints.txt" in text
+
+
+def test_the_docs_install_the_zipapp_under_every_helper_name() -> None:
+    # The "add it to your image" snippets copy the zipapp stage's /usr/ tree,
+    # which holds every name (the test above), and say which files it holds.
+    stage = (REPO / "Containerfile").read_text()
+    installed = re.findall(r"^COPY --from=build /src/build/fusermount3 (/usr/\S+)$", stage, re.M)
+    for doc in ("README.md", "docs/install.md", "docs/migration-from-meta-fuse.md"):
+        text = (REPO / doc).read_text()
+        assert "/usr/ /usr/" in text, doc
+        assert all(path in text for path in installed), doc
 
 
 # --------------------------------------------------------------------------- examples as shipped

@@ -34,8 +34,25 @@ def test_libfuse_defaults_mount_with_broker_chosen_ids_and_flags() -> None:
     assert spec.fstype == "fuse.hello"
     assert spec.source == "hello"
     assert (spec.user_id, spec.group_id) == (1000, 1000)
-    assert spec.flags == ("allow_other", "default_permissions")
+    assert spec.flags == ("allow_other",)
     assert not spec.read_only
+
+
+def test_default_permissions_is_passed_on_only_when_asked_for() -> None:
+    # fusermount3 never adds it: daemons that check permissions themselves
+    # would see every write refused by the kernel.
+    assert "default_permissions" not in plan("rw").flags
+    assert plan("rw,default_permissions").flags == ("allow_other", "default_permissions")
+    assert plan(volume="default_permissions").flags == ("allow_other", "default_permissions")
+    assert plan("default_permissions", allow_other=False).flags == ("default_permissions",)
+
+
+def test_allow_other_comes_from_the_node_policy_alone() -> None:
+    assert plan("allow_other").flags == ("allow_other",)
+    assert plan("", allow_other=False).flags == ()
+    with pytest.raises(OptionRefused) as info:
+        plan("allow_other", allow_other=False)
+    assert info.value.errno == errno.EPERM
 
 
 def test_fsname_becomes_the_source_with_escaped_commas() -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from fusermount3_proxy import __version__, protocol
+from fusermount3_proxy.names import HELPER_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "build_zipapp.py"
@@ -82,6 +83,11 @@ def bindir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
     )
     (directory / "fuse-starter").symlink_to("fusermount3")
+    # Every name FUSE libraries exec (fusermount3_proxy/names.py), as images
+    # install it: a second name for the same file.
+    for name in HELPER_NAMES:
+        if name != "fusermount3":
+            (directory / name).symlink_to("fusermount3")
     return directory
 
 
@@ -286,6 +292,79 @@ def test_version_prints_the_fusermount3_version_with_the_csi_async_version_and_e
     result = run(fusermount3, *args)
     assert result.returncode == 0
     assert result.stdout == f"fusermount3 version: 3.18.0 (csi-async {__version__})\n"
+
+
+# What each installed name answers to -V, as the helper it stands in for does.
+HELPER_VERSIONS = {
+    "fusermount3": f"fusermount3 version: 3.18.0 (csi-async {__version__})\n",
+    # Debian installs fusermount as a link to fusermount3.
+    "fusermount": f"fusermount3 version: 3.18.0 (csi-async {__version__})\n",
+    # Debian 12's mergerfs 2.33.5 ships libfuse 2.9.7's, forked.
+    "mergerfs-fusermount": f"fusermount version: 2.9.7-mergerfs_2.30.0 (csi-async {__version__})\n",
+}
+
+
+def test_every_helper_name_has_its_expected_version() -> None:
+    assert set(HELPER_VERSIONS) == set(HELPER_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(HELPER_NAMES))
+@pytest.mark.parametrize("args", [["-V"], ["--version"], ["-qV"]])
+def test_each_helper_name_prints_the_version_of_the_helper_it_stands_in_for(
+    bindir: Path, name: str, args: list[str]
+) -> None:
+    result = run(str(bindir / name), *args)
+    assert (result.returncode, result.stdout, result.stderr) == (0, HELPER_VERSIONS[name], "")
+
+
+@pytest.mark.parametrize("name", sorted(HELPER_NAMES))
+@pytest.mark.parametrize("args", [["-h"], ["-q", "-h"]])
+def test_each_helper_name_prints_its_helpers_usage_where_that_helper_does(
+    bindir: Path, name: str, args: list[str]
+) -> None:
+    argv0 = str(bindir / name)
+    result = run(argv0, *args)
+    assert result.returncode == 1
+    if name == "mergerfs-fusermount":
+        # libfuse 2.9's text (one space less after the -o line) on stderr.
+        libfuse2 = USAGE.replace("...]    mount", "...]   mount")
+        assert (result.stdout, result.stderr) == ("", libfuse2.format(argv0))
+    else:
+        assert (result.stdout, result.stderr) == (USAGE.format(argv0), "")
+
+
+@pytest.mark.parametrize("name", sorted(HELPER_NAMES))
+def test_each_helper_name_mounts_through_the_broker_and_forwards_the_fd(
+    bindir: Path, broker: FakeBroker, mnt: str, name: str
+) -> None:
+    broker.reply_mounted(mount_id=5)
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            # mergerfs's libfuse runs its helper as "<helper> -o OPTS -- MNT".
+            result = run(
+                str(bindir / name), "-o", "rw,nosuid,nodev,fsname=a:b,subtype=mergerfs", "--",
+                mnt, env=broker_env(broker, _FUSE_COMMFD=str(theirs.fileno())),
+                pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        data, fds = receive_fd_message(ours)
+        for fd in fds:
+            os.close(fd)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert (data, len(fds)) == (b"\0", 1)
+    options = ["rw", "nosuid", "nodev", "fsname=a:b", "subtype=mergerfs"]
+    assert broker.requests == [mount_request(mnt, options)]
+
+
+@pytest.mark.parametrize("option", ["--auto-unmount", "--comm-fd=3"])
+def test_mergerfs_fusermount_knows_only_the_long_options_of_libfuse_2(
+    bindir: Path, broker: FakeBroker, mnt: str, option: str
+) -> None:
+    argv0 = str(bindir / "mergerfs-fusermount")
+    result = run(argv0, option, mnt, env=broker_env(broker, _FUSE_COMMFD="0"))
+    assert result.returncode == 1
+    assert result.stderr == f"{argv0}: unrecognized option '{option}'\n"
+    assert broker.connections == 0
 
 
 @pytest.mark.parametrize(

@@ -106,8 +106,8 @@ def test_the_package_has_the_modules_the_layout_names() -> None:
     # Each of these is one concern: folding two back together, or adding a
     # module, should change this list on purpose, not by accident.
     expected = {
-        "__main__", "cli", "client", "codec", "commfd", "getopt", "mountpoint", "output",
-        "protocol", "starter", "wait", "watcher",
+        "__main__", "cli", "client", "codec", "commfd", "getopt", "mountpoint", "names",
+        "output", "protocol", "starter", "wait", "watcher",
     }  # fmt: skip
     assert {name.rpartition(".")[2] for name in MODULES if name != PACKAGE} == expected
 
@@ -156,7 +156,7 @@ def test_the_cycle_finder_finds_a_cycle_through_a_deferred_import() -> None:
 def test_every_module_parses_as_the_oldest_supported_python(name: str) -> None:
     # Syntax only (match statements are fine, "except*" or "type X = ..." are
     # not); the stdlib calls are checked by running the CLI tests on 3.10
-    # (FUSERMOUNT3_TEST_PYTHON, see test_proxy_cli.py).
+    # (FUSERMOUNT3_TEST_PYTHON, see test_proxy_cli.py; scripts/test.sh does).
     path = MODULES[name]
     ast.parse(path.read_bytes(), str(path), feature_version=OLDEST_PYTHON)
 
@@ -256,14 +256,15 @@ def test_the_help_and_version_probes_load_only_the_entry_point_and_the_texts(
     # fuser runs "<helper> -h" before every mount.
     for probe in ("-h", "-V"):
         own = {m for m in imported_modules(zipapp, probe) if m.startswith(PACKAGE)}
-        assert own == {PACKAGE, f"{PACKAGE}.__main__", f"{PACKAGE}.output"}, probe
+        assert own == {PACKAGE, *(f"{PACKAGE}.{m}" for m in ("__main__", "names", "output"))}, probe
 
 
-# The mount path, up to the fd handed over: the command line and its parts,
-# the client and the codec. Nothing else of the package: not the other modes,
-# nor protocol.py (json and typing come with it).
+# The mount path, up to the fd handed over: the command line and its parts
+# (names.py: which helper's command line), the client and the codec. Nothing
+# else of the package: not the other modes, nor protocol.py (json and typing
+# come with it).
 MOUNT_PATH = {PACKAGE, *(f"{PACKAGE}.{name}" for name in (
-    "__main__", "cli", "commfd", "getopt", "mountpoint", "output", "client", "codec",
+    "__main__", "cli", "commfd", "getopt", "mountpoint", "names", "output", "client", "codec",
 ))}  # fmt: skip
 # What the mount path may import beyond the bare interpreter's modules: two
 # C modules (_socket is builtin in Debian's Python, an extension elsewhere).

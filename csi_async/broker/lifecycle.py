@@ -36,6 +36,7 @@ from csi_async.broker.fuse_waits import NoSlot
 from csi_async.broker.identity import Peer
 from csi_async.broker.limits import BrokerLimits
 from csi_async.broker.mount_records import MountRecord, MountRecords
+from csi_async.broker.second_mount import second_mount_message
 from csi_async.broker.target import VolumeTarget
 from csi_async.mount import fuse
 from csi_async.mount import syscalls as sc
@@ -82,6 +83,9 @@ class ActiveMount:
     # A liveness probe's thread is still running (answered or not): at most
     # one per mount, so a hung daemon cannot collect threads.
     probing: bool = False
+    # The mountpoint the program named, in its container (advisory, for the
+    # message a second MOUNT gets); None for a mount adopted after a restart.
+    mountpoint: str | None = None
 
 
 class MountLifecycle:
@@ -177,7 +181,7 @@ class MountLifecycle:
     ) -> fuse.FuseMountSpec:
         """Mount, answer with the fd, and start watching the daemon (caller holds the lock)."""
         self._require_thread_slot()
-        await self._clear_dead_mount()
+        await self._clear_dead_mount(request["mountpoint"])
         try:
             spec = plan_mount(
                 volume_options=list(self.target.options),
@@ -227,8 +231,9 @@ class MountLifecycle:
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
             watch = anyio.CancelScope()
             self._active = ActiveMount(
-                made.mount_fd, token, made.mount_id, made.minor, peer.uid, peer.gid, watch
-            )
+                made.mount_fd, token, made.mount_id, made.minor, peer.uid, peer.gid, watch,
+                mountpoint=request["mountpoint"],
+            )  # fmt: skip
             delivered = True
             metrics.LIVE_MOUNTS.inc()
             if self._tasks is not None:
@@ -274,7 +279,7 @@ class MountLifecycle:
 
     # ------------------------------------------------------------------ dead mounts
 
-    async def _clear_dead_mount(self) -> None:
+    async def _clear_dead_mount(self, requested: str) -> None:
         active = self._active
         if active is None:
             return
@@ -287,12 +292,8 @@ class MountLifecycle:
                 "busy",
             )
         if not dead:
-            raise BrokerError(
-                errno.EBUSY,
-                "the volume is already mounted and its FUSE daemon is still running "
-                "(unmount it first with fusermount3 -u)",
-                "busy",
-            )
+            message = second_mount_message(requested, active.mountpoint)
+            raise BrokerError(errno.EBUSY, message, "busy")
         # The daemon died: clean its dead mount and let this request mount anew.
         await self._forget(active)
         metrics.DEAD_MOUNTS_DETACHED.inc()

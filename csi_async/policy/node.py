@@ -14,8 +14,8 @@ from dataclasses import dataclass
 class NodePolicy:
     """Node-wide settings, from the driver's configuration (never from pods)."""
 
-    # Mount with allow_other (and default_permissions), so that other uids
-    # in the pod can read the mount.
+    # Mount with allow_other, so that other uids in the pod can reach the
+    # mount (the daemon, or default_permissions if it asks, decides the rest).
     allow_other: bool = True
     # The connecting process must run in the volume's pod (its cgroup).
     require_pod_cgroup: bool = True

@@ -5,6 +5,13 @@ fusermount3, and the mountOptions volume attribute written by the pod's
 author. Output is a FuseMountSpec that the mechanism (csi_async.mount.fuse)
 applies key by key. Option names follow fusermount3 so that programs keep
 working unchanged; see docs/options.md for the table this code implements.
+
+The mount gets what was asked for and, on top, only what safety requires:
+nosuid and nodev always, allow_other when the node's policy says so, ro when
+the volume is read-only. Like fusermount3 (util/fusermount.c in libfuse), it
+never adds default_permissions: a daemon that does its own permission checks
+(fuse-zip, sshfs without -o default_permissions) would have
+every write refused by a kernel checking the modes it reports.
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ class OptionRefused(Exception):
 @dataclass(slots=True)
 class _Draft:
     read_only: bool = False
+    # Asked for by the volume or the program; never added otherwise.
+    default_permissions: bool = False
     attrs: int = 0
     atime: int | None = None
     sb_flags: dict[str, bool] | None = None
@@ -120,9 +129,10 @@ def _apply(token: str, draft: _Draft, policy: NodePolicy) -> None:
         draft.read_only = True
     elif key == "rw":
         draft.read_only = False
-    elif key in _ALWAYS_ON or key in ("default_permissions", "auto_unmount"):
-        # default_permissions is forced with allow_other; auto_unmount is the
-        # helper's job (it stays alive and asks us to unmount).
+    elif key == "default_permissions":
+        draft.default_permissions = True
+    elif key in _ALWAYS_ON or key == "auto_unmount":
+        # auto_unmount is the helper's job (it stays alive and asks us to unmount).
         return
     elif key == "allow_other":
         if not policy.allow_other:
@@ -187,9 +197,12 @@ def plan_mount(
         _apply(token, draft, policy)
     flags: list[str] = []
     if policy.allow_other:
-        # With allow_other, other uids reach the daemon; default_permissions
-        # makes the kernel enforce the file modes it reports.
-        flags += ["allow_other", "default_permissions"]
+        # The node's decision, not the pod's: consumers in the pod's other
+        # containers usually run as other uids. Who of them may do what is
+        # the daemon's business, unless it asked for default_permissions.
+        flags.append("allow_other")
+    if draft.default_permissions:
+        flags.append("default_permissions")
     flags += sorted((draft.sb_flags or {}).keys())
     attrs = draft.attrs
     if draft.atime is not None:

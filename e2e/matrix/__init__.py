@@ -14,8 +14,10 @@ e2e/node.py) in each mode it supports:
 
 The modules, in the order a newcomer reads them:
 
-* catalogue.py: the rows (add a program there), their libraries and setups;
+* catalogue.py: the rows (add a program there), their libraries and setups,
+  and the programs that cannot work, with the reason;
 * row.py: what a row declares, and the container paths the rows share;
+* setups.py: what a row's program serves (directories, archives, a bucket);
 * versions.py: how a row learns its program's and library's versions;
 * services.py: the local servers programs talk to (the S3 server);
 * runner.py: runs rows, check by check (mount, read, write, unmount, kill);
@@ -29,7 +31,7 @@ still matches.
 """
 
 # What e2e/__main__.py uses to build and run the `matrix` command.
-from e2e.matrix.catalogue import select
+from e2e.matrix.catalogue import row_names, select
 from e2e.matrix.cli import REPO, main
 
-__all__ = ["REPO", "main", "select"]
+__all__ = ["REPO", "main", "row_names", "select"]

@@ -2,37 +2,45 @@
 
 A row names its FUSE library (with what a pod author must know about every
 program built on it), how to learn the program's version, what it serves (a
-setup that prepares directories or asks services.py for a server), its
+setup from setups.py that prepares files or asks services.py for a server), its
 proxy-mode command line (starter mode is derived from it), whether it takes
 writes, and what a pod author must know about it. Adding a program is adding
-an entry to IMPLEMENTATIONS, and a setup or a library here if no existing one
-fits; runner.py runs it in each mode it supports and report.py renders it.
+an entry to IMPLEMENTATIONS, and a library here or a setup in setups.py if
+no existing one fits; runner.py runs it in each mode it supports and
+report.py renders it.
+
+CANNOT_WORK lists programs that cannot mount through csi-async, each with
+the reason; the matrix runs them too and checks that they never reach the
+broker, and docs/compatibility.md lists them with their reasons.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from e2e.matrix.result import CheckFailed
-from e2e.matrix.row import (
-    KNOWN_FILE,
-    KNOWN_TEXT,
-    OWN_MOUNTPOINT,
-    SOURCE,
-    WRITTEN_FILE,
-    WRITTEN_TEXT,
-    Implementation,
-    Library,
-    Served,
-    Setup,
-    Workspace,
+from e2e.matrix.row import OWN_MOUNTPOINT, SOURCE, CannotWork, Implementation, Library
+from e2e.matrix.setups import (
+    LOWER,
+    OVERLAY_DIRS,
+    OVERLAY_IDS,
+    SFTP_SERVER,
+    UPPER,
+    serves_archive,
+    serves_gocryptfs,
+    serves_layers,
+    serves_nothing,
+    serves_ntfs_image,
+    serves_s3_bucket,
+    serves_sftp,
+    serves_source,
+    serves_source_owned_by_the_writer,
+    squashfs_image,
+    tar_archive,
+    tar_member,
+    zip_archive,
+    zip_member,
 )
-from e2e.matrix.versions import Probe, built_using, dpkg_version
-from e2e.programs import init_gocryptfs
-from e2e.sandbox import NOBODY
+from e2e.matrix.versions import Probe, built_using, debian_upstream_version, dpkg_version
 
 # ---------------------------------------------------------------- FUSE libraries
 
@@ -65,6 +73,20 @@ def go_fuse(package: str) -> Library:
     )  # fmt: skip
 
 
+MERGERFS_LIBFUSE = Library(
+    "mergerfs's libfuse", dpkg_version("mergerfs"), False,
+    ("mergerfs links its own fork of libfuse2 statically, which runs mergerfs-fusermount "
+     "(from /usr/local/bin, then PATH) before fusermount: install the zipapp under that "
+     "name too, or the host's real helper answers and refuses",
+     "given /dev/fd/N it leaves the starter's mount unserved: proxy mode only"),
+)  # fmt: skip
+JACOBSA = Library(
+    "jacobsa/fuse", debian_upstream_version("golang-github-jacobsa-fuse-dev"), False,
+    ("jacobsa/fuse execs fusermount from PATH and keeps the environment; it always "
+     "passes default_permissions and does not open /dev/fuse itself",
+     "Debian 12 ships a 2015 snapshot (golang-github-jacobsa-fuse-dev), which takes no "
+     "/dev/fd/N mountpoint: proxy mode only; gcsfuse and goofys build on later versions"),
+)  # fmt: skip
 BAZIL = Library(
     "bazil/fuse", built_using("rclone", "golang-bazil-fuse"), False,
     ("bazil execs fusermount (not fusermount3) and keeps the environment",
@@ -73,120 +95,12 @@ BAZIL = Library(
 )  # fmt: skip
 
 
-# ---------------------------------------------------------------- what a program serves
-
-
-def serves_nothing(read_file: str, read_text: str) -> Setup:
-    """For filesystems that make up their content (hello, memfs)."""
-    return lambda _: Served(read_file=read_file, read_text=read_text)
-
-
-def _source(ws: Workspace) -> Path:
-    source = ws.shared_dir("src")
-    (source / KNOWN_FILE).write_text(KNOWN_TEXT)
-    (source / KNOWN_FILE).chmod(0o644)
-    return source
-
-
-def _expect_file(path: Path) -> Callable[[], None]:
-    def verify() -> None:
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise CheckFailed(f"the written file is not in the source: {err}") from None
-        if text != WRITTEN_TEXT:
-            raise CheckFailed(f"the source holds {text!r}")
-
-    return verify
-
-
-def serves_source(read_prefix: str = "") -> Setup:
-    """A host directory with KNOWN_FILE, bound at SOURCE; writes land in it."""
-
-    def setup(ws: Workspace) -> Served:
-        source = _source(ws)
-        return Served(
-            binds={SOURCE: source},
-            read_file=read_prefix + KNOWN_FILE,
-            write_dir=read_prefix,
-            verify_write=_expect_file(source / WRITTEN_FILE),
-        )
-
-    return setup
-
-
-SFTP_SERVER = "/usr/lib/openssh/sftp-server"
-
-
-def serves_sftp(ws: Workspace) -> Served:
-    """SOURCE over SFTP: an ssh stand-in that runs sftp-server in the pod (no sshd)."""
-    served = serves_source()(ws)
-    bin_dir = ws.shared_dir("bin", 0o755)
-    (bin_dir / "ssh").write_text(f"#!/bin/sh\ncd {SOURCE} && exec {SFTP_SERVER}\n")
-    (bin_dir / "ssh").chmod(0o755)
-    served.binds["/run/bin"] = bin_dir
-    served.values["ssh"] = "/run/bin/ssh"
-    return served
-
-
-def serves_s3_bucket(ws: Workspace) -> Served:
-    """A bucket holding KNOWN_FILE on the local S3 server, credentials, an own mountpoint."""
-    s3 = ws.services.s3()
-    bucket = f"matrix-{uuid.uuid4().hex[:12]}"
-    s3.request("PUT", f"/{bucket}")
-    s3.request("PUT", f"/{bucket}/{KNOWN_FILE}", KNOWN_TEXT.encode())
-    secrets = ws.shared_dir("s3", 0o755)
-    passwd = secrets / "passwd"
-    passwd.write_text("matrix:secret\n")
-    # s3fs refuses a credentials file that others can read.
-    os.chown(passwd, NOBODY, NOBODY)
-    passwd.chmod(0o600)
-    mountpoint = ws.shared_dir("own-mnt", 0o700)
-    os.chown(mountpoint, NOBODY, NOBODY)
-
-    def verify() -> None:
-        try:
-            text = s3.request("GET", f"/{bucket}/{WRITTEN_FILE}").decode()
-        except OSError as err:
-            raise CheckFailed(f"the written object is not in the bucket: {err}") from None
-        if text != WRITTEN_TEXT:
-            raise CheckFailed(f"the bucket holds {text!r}")
-
-    return Served(
-        binds={"/run/s3": secrets, OWN_MOUNTPOINT: mountpoint},
-        values={"bucket": bucket, "url": s3.url, "passwd": "/run/s3/passwd"},
-        verify_write=verify,
-    )
-
-
-def serves_gocryptfs(ws: Workspace) -> Served:
-    """A fresh gocryptfs cipher directory (owned by the pod's uid) and its password file."""
-    secrets = ws.shared_dir("secrets", 0o755)
-    (secrets / "pass").write_text("correct horse battery staple\n")
-    (secrets / "pass").chmod(0o644)
-    cipher = ws.path / "cipher"
-    init_gocryptfs(cipher, secrets / "pass")
-
-    def verify() -> None:
-        encrypted = [p for p in cipher.iterdir() if not p.name.startswith("gocryptfs.")]
-        if len(encrypted) != 1:
-            raise CheckFailed(f"expected one encrypted file, found {len(encrypted)}")
-        if "matrix" in encrypted[0].name or WRITTEN_TEXT.encode() in encrypted[0].read_bytes():
-            raise CheckFailed("the written file reached the cipher directory unencrypted")
-
-    return Served(
-        binds={"/run/cipher": cipher, "/run/secrets": secrets},
-        read_file="",
-        read_text=None,  # a new cipher directory is empty: list it
-        verify_write=verify,
-    )
-
-
 # ---------------------------------------------------------------- the rows
 
 
 HELLO_TEXT = "Hello World!\n"
 MEMFS_TEXT = "Hello from pyfuse3!\n"
+JACOBSA_TEXT = "Hello from jacobsa/fuse!\n"
 RCLONE_ARGS = ("--config", "/dev/null", "--cache-dir", "/tmp/rclone", "--allow-non-empty",
                "--umask", "000", SOURCE, "{mnt}")  # fmt: skip
 
@@ -312,14 +226,155 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
         ),
         requires=("/usr/bin/rclone",),
     ),
+    Implementation(
+        name="mergerfs",
+        library=MERGERFS_LIBFUSE,
+        version=Probe(("mergerfs", "--version"), r"mergerfs version: (\S+)"),
+        argv=("mergerfs", "-f", SOURCE, "{mnt}"),
+        setup=serves_source(),
+        requires=("/usr/bin/mergerfs",),
+    ),
+    Implementation(
+        name="fuse-zip",
+        library=LIBFUSE2,
+        version=Probe(("fuse-zip", "--version"), r"fuse-zip version: (\S+)"),
+        argv=("fuse-zip", "-f", "{archive}", "{mnt}"),
+        setup=serves_archive("data.zip", zip_archive, zip_member),
+        notes=(
+            "fuse-zip saves the changes into the archive when it unmounts (here the archive "
+            "and its directory belong to the pod's uid), and the unmount check finds the "
+            "written file there",
+        ),
+        requires=("/usr/bin/fuse-zip",),
+    ),
+    Implementation(
+        name="fuse-posixovl",
+        library=LIBFUSE2,
+        version=dpkg_version("fuse-posixovl"),
+        argv=("mount.posixovl", "-S", SOURCE, "{mnt}", "--", "-f"),
+        setup=serves_source_owned_by_the_writer,
+        notes=(
+            "Debian installs it as /sbin/mount.posixovl; libfuse's options, -f (foreground) "
+            "included, go after --",
+            "it asks for default_permissions itself and shows a directory that has no "
+            "permission record as mode 0755 of the real directory's owner: only that uid "
+            "may create files in it, so here the writer owns the source directory",
+        ),
+        requires=("/sbin/mount.posixovl",),
+    ),
+    Implementation(
+        name="squashfuse",
+        library=LIBFUSE3,
+        version=dpkg_version("squashfuse"),
+        argv=("squashfuse", "-f", "{archive}", "{mnt}"),
+        setup=serves_archive("data.squashfs", squashfs_image),
+        writable=False,
+        notes=("a squashfs image made by mksquashfs; read-only",),
+        requires=("/usr/bin/squashfuse", "/usr/bin/mksquashfs"),
+    ),
+    Implementation(
+        name="fuse-overlayfs",
+        library=LIBFUSE3,
+        version=Probe(("fuse-overlayfs", "--version"), r"fuse-overlayfs: version (\S+)"),
+        argv=("fuse-overlayfs", "-f", "-o", f"{OVERLAY_DIRS},{OVERLAY_IDS}", "{mnt}"),
+        setup=serves_layers,
+        notes=(
+            "the upper and work directories must belong to the pod's uid",
+            "it gives each new file to the uid that creates it, which only root may do: "
+            "uidmapping and gidmapping map the writer's uid (1000) to the daemon's",
+        ),
+        requires=("/usr/bin/fuse-overlayfs",),
+    ),
+    Implementation(
+        name="unionfs-fuse",
+        library=LIBFUSE2,
+        version=dpkg_version("unionfs-fuse"),
+        argv=("unionfs", "-f", "-o", "cow", f"{UPPER}=RW:{LOWER}=RO", "{mnt}"),
+        setup=serves_layers,
+        notes=("-o cow: writes go to the RW branch, the RO branch stays as it was",),
+        requires=("/usr/bin/unionfs",),
+    ),
+    Implementation(
+        name="archivemount",
+        library=LIBFUSE2,
+        version=Probe(("archivemount", "--version"), r"archivemount version (\S+)"),
+        argv=("archivemount", "-f", "{archive}", "{mnt}"),
+        setup=serves_archive("data.tar", tar_archive, tar_member),
+        notes=(
+            "archivemount saves the changes into the archive when it unmounts (here the "
+            "archive and its directory belong to the pod's uid), and the unmount check finds "
+            "the written file there",
+        ),
+        requires=("/usr/bin/archivemount",),
+    ),
+    Implementation(
+        name="jacobsa-flatfs",
+        library=JACOBSA,
+        version=debian_upstream_version("golang-github-jacobsa-fuse-dev"),
+        argv=("{examples}/jacobsa-flatfs", "{mnt}"),
+        setup=serves_nothing("hello", JACOBSA_TEXT),
+        notes=(
+            "e2e/fs/jacobsa_flatfs, a small in-memory file system, built by "
+            "scripts/build_fuse_examples.sh against Debian's Go source of the library; that "
+            "2015 source no longer links with Go 1.19 as it is, so two runtime calls are "
+            "swapped for equivalents (e2e/fs/jacobsa_flatfs/buffer_shim)",
+        ),
+        requires=("{examples}/jacobsa-flatfs",),
+    ),
 )
+
+
+# ---------------------------------------------------------------- programs that cannot work
+
+
+NTFS_3G_REASON = (
+    'it links its own libfuse (libfuse-lite, "integrated FUSE"), which mounts with mount(2) '
+    "in-process and never runs a fusermount helper, so the zipapp is never asked; mount(2) "
+    "needs root, which ntfs-3g gets only as a setuid-root binary, and a pod's "
+    "allowPrivilegeEscalation: false (no_new_privs) turns setuid off"
+)
+
+CANNOT_WORK: tuple[CannotWork, ...] = (
+    CannotWork(
+        name="ntfs-3g",
+        version=Probe(("ntfs-3g", "--version"), r"ntfs-3g (\S+)"),
+        argv=("ntfs-3g", "{image}", OWN_MOUNTPOINT),
+        setup=serves_ntfs_image,
+        reason=NTFS_3G_REASON,
+        requires=("/usr/bin/ntfs-3g", "/usr/sbin/mkntfs"),
+    ),
+    CannotWork(
+        name="lowntfs-3g",
+        version=Probe(("lowntfs-3g", "--version"), r"lowntfs-3g (\S+)"),
+        argv=("lowntfs-3g", "{image}", OWN_MOUNTPOINT),
+        setup=serves_ntfs_image,
+        reason="ntfs-3g's low-level variant mounts through the same libfuse-lite code, and "
+        "Debian does not even install it setuid: " + NTFS_3G_REASON,
+        requires=("/usr/bin/lowntfs-3g", "/usr/sbin/mkntfs"),
+    ),
+)
+
+
+def row_names() -> list[str]:
+    """Every name --only takes: the rows, then the programs that cannot work."""
+    return [impl.name for impl in IMPLEMENTATIONS] + [item.name for item in CANNOT_WORK]
+
+
+def _check_names(only: Sequence[str]) -> None:
+    unknown = [name for name in only if name not in row_names()]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; the matrix has {sorted(row_names())}")
 
 
 def select(only: Sequence[str] | None = None) -> list[Implementation]:
     if not only:
         return list(IMPLEMENTATIONS)
-    known = {impl.name: impl for impl in IMPLEMENTATIONS}
-    unknown = [name for name in only if name not in known]
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; the matrix has {sorted(known)}")
-    return [known[name] for name in only]
+    _check_names(only)
+    return [impl for impl in IMPLEMENTATIONS if impl.name in only]
+
+
+def select_cannot_work(only: Sequence[str] | None = None) -> list[CannotWork]:
+    if not only:
+        return list(CANNOT_WORK)
+    _check_names(only)
+    return [item for item in CANNOT_WORK if item.name in only]

@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from e2e.matrix.catalogue import IMPLEMENTATIONS
-from e2e.matrix.result import CHECKS, FAIL, NOT_RUN, PASS, Result, failed
+from e2e.matrix.catalogue import CANNOT_WORK, IMPLEMENTATIONS
+from e2e.matrix.result import CHECKS, FAIL, NOT_RUN, PASS, REFUSED, Result, failed
 from e2e.matrix.row import READER_UID
 
 
@@ -77,7 +77,7 @@ def summary(results: Sequence[Result], out: Callable[[str], None], elapsed: floa
     out("  " + line(headers))
     for row in rows:
         out("  " + line(row))
-    passed = sum(r.status == PASS for r in results)
+    passed = sum(r.status in (PASS, REFUSED) for r in results)
     skipped = sum(r.status == NOT_RUN for r in results)
     out(f"\n  {passed} of {len(results)} passed, {len(failed(results))} failed, "
         f"{skipped} not run, in {elapsed:.1f} s")  # fmt: skip
@@ -89,6 +89,7 @@ def _cell(text: str) -> str:
 
 MARKDOWN_TITLE = "# FUSE compatibility matrix"
 RESULTS_HEADING = "## Results"
+CANNOT_WORK_HEADING = "## Programs that cannot work"
 RESULTS_HEADER = (
     "| Filesystem | Version | FUSE library | Mode | Result | Mount removed after SIGKILL by "
     "| Notes |"
@@ -100,7 +101,9 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
     libraries: dict[str, tuple[str, ...]] = {}
     for impl in IMPLEMENTATIONS:
         libraries.setdefault(impl.library.name, impl.library.notes)
-    ran = [r for r in results if r.status != NOT_RUN]
+    cannot_work = {item.name for item in CANNOT_WORK}
+    ran = [r for r in results if r.status != NOT_RUN and r.name not in cannot_work]
+    refused = [r for r in results if r.name in cannot_work and r.status != NOT_RUN]
     not_run = [r for r in results if r.status == NOT_RUN]
     lines = [
         "<!-- GENERATED FILE: do not edit by hand. Regenerate it with the command below;",
@@ -112,8 +115,9 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
         f"whole run took {elapsed:.0f} s. The rows are declared in `e2e/matrix/catalogue.py`.",
         "",
         "Each program runs unmodified, as uid 65534 with no capabilities, in a sandboxed "
-        '"pod" of a simulated node whose `/usr/bin/fusermount3` (and `fusermount`) is the '
-        "csi-async zipapp, in native mode (the broker socket at the zipapp's default path). "
+        '"pod" of a simulated node whose `/usr/bin/fusermount3` (and `fusermount`, and '
+        "mergerfs's `mergerfs-fusermount`) is the csi-async zipapp, in native mode (the "
+        "broker socket at the zipapp's default path). "
         "**proxy** mode runs the program as usual; **starter** mode runs "
         "`fusermount3 --start -- PROGRAM ... /dev/fd/N`. The checks, in order:",
         "",
@@ -122,7 +126,8 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
         f"- **read**: a second container of the pod, as uid {READER_UID}, reads a known file "
         "through mount propagation;",
         "- **write** (writable filesystems): that container writes a file, reads it back, "
-        "and the file reaches the backing store (directory, bucket, cipher directory);",
+        "and the file reaches the backing store (directory, bucket, cipher directory; an "
+        "archive once the program has unmounted);",
         "- **unmount**: `fusermount3 -u` in the pod removes the mount and the program exits;",
         "- **kill**: a fresh instance is killed with SIGKILL and its mount goes away anyway: "
         "the broker watches the daemon's process and detaches its dead mount; in starter "
@@ -142,6 +147,12 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
     lines += ["", "## Notes by FUSE library", ""]
     for name, notes in libraries.items():
         lines.append(f"- **{name}**: {'; '.join(notes)}.")
+    if refused:
+        lines += ["", CANNOT_WORK_HEADING, "",
+                  "The matrix runs each of these too, as a pod would, and checks that it exits "
+                  "without mounting and without a request to the broker.", ""]  # fmt: skip
+        for r in refused:
+            lines.append(f"- **{r.name}** ({r.version}): {_cell(r.cell)}.")
     if not_run:
         lines += ["", "## Not run here", ""]
         for r in not_run:
@@ -157,8 +168,9 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
 def comparable(markdown: str) -> list[tuple[str, ...]]:
     """What must match between the committed document and a fresh run.
 
-    The rows, modes, library names, results and notes, and the library and
-    not-run sections; not the versions, the timings or the machine.
+    The rows, modes, library names, results and notes, and the library,
+    cannot-work and not-run sections; not the versions, the timings or the
+    machine.
     """
     facts: list[tuple[str, ...]] = []
     section = ""
@@ -172,6 +184,9 @@ def comparable(markdown: str) -> list[tuple[str, ...]]:
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
             name, _version, library, mode, result, killed, notes = cells
             facts.append(("row", name, library.split()[0], mode, result, killed, notes))
+        elif section == CANNOT_WORK_HEADING and line.startswith("- "):
+            # Not the version in parentheses.
+            facts.append((section, re.sub(r" \([^)]*\):", ":", line, count=1)))
         elif section in ("## Notes by FUSE library", "## Not run here") and line.startswith("- "):
             facts.append((section, line))
     return facts

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 CHECKS = ("mount", "read", "write", "unmount", "kill")
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+# A CannotWork program behaved as its reason says: it never reached the broker.
+REFUSED = "cannot work"
 
 
 class CheckFailed(Exception):
@@ -44,6 +46,8 @@ class Result:
             return f"FAIL at {self.failed_check}: {self.reason}"
         if self.status == NOT_RUN:
             return f"not run: {self.reason}"
+        if self.status == REFUSED:
+            return f"cannot work: {self.reason}"
         checks = [c for c in CHECKS if c in self.timings]
         return f"pass ({', '.join(checks)})"
 

@@ -62,6 +62,9 @@ class Served:
     write_dir: str = ""
     # checks that WRITTEN_FILE reached the backing store; raises CheckFailed
     verify_write: Callable[[], None] | None = None
+    # the same, for programs that save changes only when they unmount
+    # (archives); run by the unmount check once the program has exited
+    verify_after_unmount: Callable[[], None] | None = None
 
 
 Setup = Callable[[Workspace], Served]
@@ -121,3 +124,28 @@ class Implementation:
     def missing(self, examples: Path) -> list[str]:
         paths = [p.replace("{examples}", str(examples)) for p in self.requires]
         return [p for p in paths if not os.path.exists(p)]
+
+
+@dataclass(frozen=True)
+class CannotWork:
+    """A FUSE program that cannot mount through csi-async, and why.
+
+    The matrix still runs it, proxy mode, as it runs a row (argv and setup
+    as for an Implementation, without "{mnt}" becoming /dev/fd/N): the
+    check passes when the program exits, nothing is mounted and the broker
+    was never asked, so the reason stays true for the installed version.
+    """
+
+    name: str
+    version: Probe
+    argv: tuple[str, ...]
+    setup: Setup
+    reason: str
+    requires: tuple[str, ...] = ()
+
+    def command(self, values: dict[str, str]) -> list[str]:
+        substitutions = {"mnt": DATA, "examples": EXAMPLES, "fs": FS_SCRIPTS, **values}
+        return [arg.format(**substitutions) for arg in self.argv]
+
+    def missing(self) -> list[str]:
+        return [p for p in self.requires if not os.path.exists(p)]

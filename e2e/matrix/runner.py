@@ -9,9 +9,14 @@ that fails:
   through mount propagation;
 * write (writable programs): that container writes a file, reads it back,
   and the file reaches the program's backing store;
-* unmount: `fusermount3 -u` in the pod removes the mount and the program exits;
+* unmount: `fusermount3 -u` in the pod removes the mount and the program
+  exits (and, for programs that save writes on unmount, the file is saved);
 * kill: a fresh instance is SIGKILLed; its mount is detached anyway (by the
   broker, which watches the daemon's process, or by the starter).
+
+A program that cannot work (catalogue.CANNOT_WORK) has one check instead,
+"refused": run as a pod would, it exits without mounting and without a
+request to the broker.
 
 Whatever a check leaves behind (sandboxes, published volumes, the row's
 workspace) is cleaned up after the row, whether it passed or not.
@@ -31,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e.kubelet import Pod
-from e2e.matrix.catalogue import select
-from e2e.matrix.result import FAIL, NOT_RUN, PASS, CheckFailed, Result
+from e2e.matrix.catalogue import select, select_cannot_work
+from e2e.matrix.result import FAIL, NOT_RUN, PASS, REFUSED, CheckFailed, Result
 from e2e.matrix.row import (
     DATA,
     EXAMPLES,
@@ -42,6 +47,7 @@ from e2e.matrix.row import (
     STARTER,
     WRITTEN_FILE,
     WRITTEN_TEXT,
+    CannotWork,
     Implementation,
     Served,
     Workspace,
@@ -223,6 +229,9 @@ class Run:
             raise CheckFailed(
                 f"unmounted, but the program still runs after {TIMEOUT:.0f} s"
             ) from None
+        if self.served.verify_after_unmount is not None:
+            self.served.verify_after_unmount()
+            return f"fusermount3 -u; the program exited {status} and saved the write"
         return f"fusermount3 -u; the program exited {status}"
 
     def kill(self) -> str:
@@ -364,6 +373,68 @@ def run_implementation(
         shutil.rmtree(ws.path, ignore_errors=True)
 
 
+def _refused(node: Node, item: CannotWork, ws: Workspace) -> str:
+    """Run the program in a pod of its own; it must exit without reaching the broker."""
+    pod = Pod(f"{item.name}-cannot-work")
+    volume = node.publish_fuse_volume(pod)
+    sandboxes: list[PodSandbox] = []
+    try:
+        served = item.setup(ws)
+        sandbox = node.sandbox({**volume.binds(DATA), **served.binds})
+        sandboxes.append(sandbox)
+        stderr = ws.path / "program.stderr"
+        with stderr.open("wb") as err:
+            program = sandbox.spawn(item.command(served.values), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        try:
+            status = program.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(f"still running after {TIMEOUT:.0f} s: {_tail(stderr)}") from None
+        try:
+            node.wait_mounted(volume.target, timeout=0)
+        except TimeoutError:
+            pass
+        else:
+            raise CheckFailed("it mounted the volume: it works after all")
+        asked = [e for e in node.driver.log_entries()
+                 if "op" in e and str(volume.target) in json.dumps(e, default=str)]  # fmt: skip
+        if asked:
+            raise CheckFailed(f"it reached the broker: {asked[0].get('op')}")
+        if status == 0:
+            # A daemon's parent exits 0 once it has mounted, wherever that was.
+            raise CheckFailed(f"it exited 0, as after a mount: {_tail(stderr)}")
+        return f"exited {status} without asking the broker: {_tail(stderr)}"
+    finally:
+        for sandbox in sandboxes:
+            sandbox.kill_all()
+        node.unpublish(pod, volume.name)
+        for name in volume.companion_volumes:
+            node.unpublish(pod, name)
+
+
+def run_cannot_work(
+    node: Node, item: CannotWork, services: Services, examples: Path, workdir: Path,
+    report: Report,
+) -> Result:  # fmt: skip
+    result = Result(item.name, "-", item.version(examples), PROXY, REFUSED, reason=item.reason)
+    report(f"{item.name} ({result.version}): expected not to work")
+    ws = Workspace(Path(tempfile.mkdtemp(prefix=f"{item.name}-", dir=workdir)), services)
+    ws.path.chmod(0o755)
+    started = time.monotonic()
+    try:
+        detail = _refused(node, item, ws)
+    except Exception as err:
+        result.status, result.failed_check, result.reason = FAIL, "refused", _short(err)
+        report(f"  refused  FAIL  {result.reason}")
+    else:
+        result.details["refused"] = detail
+        report(f"  refused  ok    {detail}")
+    finally:
+        result.timings["refused"] = time.monotonic() - started
+        shutil.rmtree(ws.path, ignore_errors=True)
+    return result
+
+
 def not_run(impl: Implementation, missing: Sequence[str], report: Report) -> Result:
     reason = impl.why_missing or f"missing {', '.join(missing)}"
     report(f"{impl.name} ({impl.library.name}): not run: {reason}")
@@ -397,6 +468,14 @@ def run_matrix(
                         node, impl, mode, services, examples, workdir, report
                     )
                     results.append(result)
+            for item in select_cannot_work(only):
+                missing = item.missing()
+                if missing:
+                    reason = f"missing {', '.join(missing)}"
+                    report(f"{item.name}: not run: {reason}")
+                    results.append(Result(item.name, "-", "-", "-", NOT_RUN, reason=reason))
+                    continue
+                results.append(run_cannot_work(node, item, services, examples, workdir, report))
     finally:
         services.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -34,6 +34,11 @@ def dpkg_version(package: str) -> Probe:
     return Probe(("dpkg-query", "-W", "-f=${Version}", package), r"^(?:\d+:)?([^-~+]+)")
 
 
+def debian_upstream_version(package: str) -> Probe:
+    """A Debian package's whole upstream version, snapshot suffix (~git...) included."""
+    return Probe(("dpkg-query", "-W", "-f=${Version}", package), r"^(?:\d+:)?(.+?)(?:-[^-]+)?$")
+
+
 def built_using(package: str, source: str) -> Probe:
     """The version of a Go library a Debian package was built with (Built-Using)."""
     return Probe(
