@@ -121,6 +121,10 @@ class DeviceManager:
         except FileNotFoundError:
             pass
 
+    def close(self) -> None:
+        """stop(), for contextlib.closing."""
+        self.stop()
+
     def restart(self) -> None:
         """A kubelet restart: the plugins' connections go, their sockets are deleted."""
         self.stop()
