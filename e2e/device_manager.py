@@ -76,8 +76,12 @@ def _is_extended_resource_name(name: str) -> bool:
 class DeviceManager:
     """Serves kubelet.sock in `plugin_dir` and talks to the plugins that register there."""
 
-    def __init__(self, plugin_dir: Path) -> None:
+    def __init__(
+        self, plugin_dir: Path, supported_versions: tuple[str, ...] = SUPPORTED_VERSIONS
+    ) -> None:
         self.plugin_dir = plugin_dir
+        # What Register accepts; a test may change it to make kubelet refuse.
+        self.supported_versions = supported_versions
         self.kubelet_socket = plugin_dir / KUBELET_SOCKET
         # Every registration, accepted or not: (resource name, endpoint, error or "").
         self.registrations: list[tuple[str, str, str]] = []
@@ -140,10 +144,10 @@ class DeviceManager:
 
     def _register(self, request: dp.RegisterRequest, context: grpc.ServicerContext) -> dp.Empty:
         error = ""
-        if request.version not in SUPPORTED_VERSIONS:
+        if request.version not in self.supported_versions:
             error = (
                 f"requested device plugin version {request.version!r} is not supported: "
-                f"{list(SUPPORTED_VERSIONS)}"
+                f"{list(self.supported_versions)}"
             )
         elif not _is_extended_resource_name(request.resource_name):
             error = f"invalid name of device plugin socket: {request.resource_name!r}"

@@ -211,6 +211,22 @@ def test_a_kubelet_restart_makes_the_plugin_register_again(
     assert messages.count("registered with kubelet") == 2
 
 
+def test_a_refused_registration_is_retried_until_kubelet_accepts(node: Node) -> None:
+    with DeviceManager(node.driver.device_plugin_dir, supported_versions=("v2",)) as manager:
+        manager.wait_for("two refused registrations", lambda: len(manager.registrations) >= 2)
+        assert all("'v1beta1' is not supported" in error for *_, error in manager.registrations)
+        assert RESOURCE not in manager.endpoints
+        manager.supported_versions = ("v1beta1",)
+        manager.wait_registered(RESOURCE, timeout=20)  # the backoff: 1 s, 2 s, 4 s, ...
+    failed = [
+        e
+        for e in node.driver.log_entries()
+        if e.get("msg") == "device plugin registration failed; retrying"
+    ]
+    assert [e["retry_in_s"] for e in failed[:2]] == [1.0, 2.0]
+    assert "is not supported" in str(failed[0]["error"])
+
+
 def test_sigterm_ends_the_stream_and_removes_the_socket_and_off_means_no_plugin() -> None:
     root = Path(tempfile.mkdtemp(prefix="csi-async-dp-"))
     try:

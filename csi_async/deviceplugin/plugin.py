@@ -104,7 +104,7 @@ class DevicePlugin:
                 await anyio.sleep(self._poll)
                 await self._check_logged()
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
+            with anyio.CancelScope(shield=True):
                 await self._stop_listening()
 
     async def _check_logged(self) -> None:
@@ -207,7 +207,8 @@ class DevicePlugin:
         if server is not None:
             # Cancels the ListAndWatch streams: kubelet sees the plugin go.
             server.close()
-            await server.wait_closed()
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await server.wait_closed()
         if self._bound is not None and _socket_id(self.socket_path) == self._bound:
             self.socket_path.unlink()
         self._bound = None
