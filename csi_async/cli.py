@@ -141,7 +141,8 @@ def main() -> None:
     """csi-async: run any FUSE filesystem in unprivileged Kubernetes pods.
 
     A CSI node plugin with an fd broker: pods mount FUSE through a
-    fusermount3 drop-in, without CAP_SYS_ADMIN or /dev/fuse.
+    fusermount3 drop-in, without CAP_SYS_ADMIN; its device plugin gives
+    them a /dev/fuse to open, so FUSE programs run unchanged.
     """
 
 

@@ -15,6 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_DRIVER_NAME = "fuse.csi-async.dev"
+DEFAULT_DEVICE_RESOURCE = "fuse.csi-async.dev/fuse"
+# kubelet's rule for an extended resource name: a DNS subdomain prefix outside
+# kubernetes.io, a slash, and a name of up to 63 characters (IsExtendedResourceName).
+_RESOURCE_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 # CSI's rule for plugin names, as csi-sanity checks it.
 _DRIVER_NAME = re.compile(r"^[a-zA-Z][A-Za-z0-9-._]{0,61}[a-zA-Z]$")
 
@@ -91,6 +96,44 @@ class Settings(BaseModel):
         "more are refused with EAGAIN.",
     )
 
+    device_plugin: bool = Field(
+        default=True,
+        description="Serve kubelet's device plugin API: pods that ask for the resource get "
+        "/dev/fuse, so FUSE programs run with their ordinary command lines.",
+    )
+    device_plugin_dir: Path = Field(
+        default=Path("/var/lib/kubelet/device-plugins"),
+        description="kubelet's device plugin directory (kubelet.sock is there); the plugin's "
+        "socket goes there too.",
+    )
+    device_plugin_resource: str = Field(
+        default=DEFAULT_DEVICE_RESOURCE,
+        description="The extended resource pods ask for in resources.limits.",
+    )
+    device_plugin_devices: int = Field(
+        default=1000,
+        ge=1,
+        le=10000,
+        description="How many containers of this node may hold the resource at once (all "
+        "share the one /dev/fuse).",
+    )
+
+    @field_validator("device_plugin_resource")
+    @classmethod
+    def _extended_resource(cls, value: str) -> str:
+        prefix, sep, name = value.partition("/")
+        if (
+            not sep
+            or len(prefix) > 253
+            or not _RESOURCE_PREFIX.match(prefix)
+            or len(name) > 63
+            or not _RESOURCE_NAME.match(name)
+        ):
+            raise ValueError("must be domain/name, e.g. fuse.csi-async.dev/fuse")
+        if prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io"):
+            raise ValueError("must not be in the kubernetes.io domain (kubelet refuses it)")
+        return value
+
     @field_validator("metrics_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
@@ -124,7 +167,7 @@ class Settings(BaseModel):
             )
         return value
 
-    @field_validator("kubelet_root", "state_dir", "audit_log")
+    @field_validator("kubelet_root", "state_dir", "audit_log", "device_plugin_dir")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is None:

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import h2.connection
 from grpclib.server import Server
@@ -23,6 +24,8 @@ from csi_async.csi.identity import IdentityService
 from csi_async.csi.node import NodeService
 from csi_async.csi.requests import RecordValidator
 from csi_async.csi.rpc import in_flight
+from csi_async.deviceplugin.devices import FuseDevices
+from csi_async.deviceplugin.plugin import DevicePlugin
 from csi_async.mount import syscalls as sc
 from csi_async.policy.node import NodePolicy
 from csi_async.volumes.registry import VolumeManager
@@ -75,6 +78,16 @@ H2_CLOSED_STREAMS = 1000
 MALLOC_ARENAS = 1
 
 
+async def _run_cancellable(
+    plugin: DevicePlugin,
+    scope: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await plugin.run(task_status=task_status)
+
+
 async def serve(settings: Settings) -> None:
     # Before any thread of ours (workers, the metrics server) has allocated.
     sc.limit_malloc_arenas(MALLOC_ARENAS)
@@ -118,6 +131,15 @@ async def serve(settings: Settings) -> None:
         restored = await volumes.restore(RecordValidator(str(settings.kubelet_root), policy))
         sock = _bind_endpoint(settings.socket_path)
         await server.start(sock=sock)
+        # On this loop too, in its own cancel scope so that it stops before the brokers.
+        device_plugin = anyio.CancelScope()
+        if settings.device_plugin:
+            plugin = DevicePlugin(
+                settings.device_plugin_dir,
+                settings.device_plugin_resource,
+                FuseDevices(settings.device_plugin_devices),
+            )
+            await tg.start(_run_cancellable, plugin, device_plugin)
         # Importing and restoring freed much (each module's bytecode was read
         # into a buffer first): what malloc kept of it would stay resident.
         sc.release_free_memory()
@@ -133,6 +155,7 @@ async def serve(settings: Settings) -> None:
             version=__version__,
             restored_volumes=restored,
             fd_limit=fd_limit,
+            device_plugin=settings.device_plugin_resource if settings.device_plugin else "off",
         )
 
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -141,6 +164,8 @@ async def serve(settings: Settings) -> None:
                 break
 
         ready = False
+        # kubelet stops offering /dev/fuse to new pods while the driver is away.
+        device_plugin.cancel()
         # Stop accepting connections, let running RPCs finish, then close.
         server._server.close()  # type: ignore[union-attr]
         with anyio.move_on_after(DRAIN_TIMEOUT):

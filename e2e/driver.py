@@ -37,6 +37,7 @@ class DriverProcess:
         self.socket_path = socket_path or workdir / "csi.sock"
         self.endpoint = f"unix://{self.socket_path}"
         self.state_dir = workdir / "state"
+        self.device_plugin_dir = kubelet_root / "device-plugins"
         self.log_path = workdir / "driver.log"
         self.node_id = node_id
         self.extra_args = extra_args or []
@@ -52,6 +53,8 @@ class DriverProcess:
             "--kubelet-root", str(self.kubelet_root),
             "--state-dir", str(self.state_dir),
             "--log-level", "debug",
+            # Never the host's kubelet: the device plugin lives in this kubelet root.
+            "--device-plugin-dir", str(self.device_plugin_dir),
             *self.extra_args,
         ]  # fmt: skip
         env = dict(os.environ if self.env is None else self.env)

@@ -28,7 +28,17 @@ view and then execs the program as an unprivileged user:
 * IPC namespace and a private /dev: tmpfs with null, zero, full, random,
   urandom and tty bound from the host, /dev/shm, the /dev/fd symlinks, and
   **/dev/fuse as a bind of /dev/null** — libfuse's open("/dev/fuse") works, its
-  own mount(2) fails with EPERM, so it falls back to the fusermount3 helper;
+  own mount(2) fails with EPERM, so it falls back to the fusermount3 helper
+  (`dummy_dev_fuse=False`: no /dev/fuse at all, as in a real restricted pod);
+* the device nodes a device plugin's Allocate returned (`devices`, kubelet's
+  DeviceSpecs), made as containerd and runc make them: the host node's type,
+  numbers, mode and owner (containerd's DeviceFromPath), created with mknod
+  at the container path (runc's createDeviceNode). A real /dev/fuse there
+  replaces the dummy. With `device_ownership_from_security_context` (the
+  containerd CRI option of that name) the node belongs to the pod's uid and
+  gid instead, which a non-root pod needs where the host's /dev/fuse is 0600
+  (no udev rule making it 0666, as on this machine). The cgroup device rule
+  ("rw") is not modelled: the sandbox has no device cgroup;
 * the given zipapp bound read-only over /usr/bin/fusermount3 (and every other
   helper name in FUSERMOUNT_PATHS that resolves to a distinct file; on this
   Debian /bin is a symlink to usr/bin and fusermount is a symlink to
@@ -124,6 +134,33 @@ def runc_propagation(mount_propagation: str | None) -> str:
         raise ValueError(
             f"mountPropagation {mount_propagation!r} is not modelled (None or HostToContainer)"
         ) from None
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device of a ContainerAllocateResponse (v1beta1 DeviceSpec), as kubelet passes it on."""
+
+    container_path: str
+    host_path: str
+    permissions: str
+
+
+def _device_node(device: DeviceSpec) -> sandbox_init.DeviceNodeSpec:
+    """containerd's DeviceFromPath: what the host node is, to be made at the container path."""
+    st = os.stat(device.host_path)
+    if stat.S_ISCHR(st.st_mode):
+        kind = "c"
+    elif stat.S_ISBLK(st.st_mode):
+        kind = "b"
+    else:
+        raise ValueError(f"device {device.host_path} is not a device node")
+    if not device.permissions or set(device.permissions) - set("rwm"):
+        raise ValueError(f"device permissions {device.permissions!r} are not r, w, m")
+    return {
+        "path": device.container_path, "type": kind,
+        "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -357,6 +394,9 @@ class PodSandbox:
         umask: int = 0o022,
         die_with_parent: bool = False,
         cgroup_procs: str = "",
+        devices: Sequence[DeviceSpec] = (),
+        dummy_dev_fuse: bool = True,
+        device_ownership_from_security_context: bool = False,
     ) -> None:
         """`binds`/`ro_binds` use `propagation` (HostToContainer by default);
         `mounts` carry their own (None by default, as in a pod spec).
@@ -369,6 +409,11 @@ class PodSandbox:
         self.uid = uid
         self.gid = gid
         self.cgroup_procs = cgroup_procs
+        self.devices = [_device_node(device) for device in devices]
+        if device_ownership_from_security_context:
+            for node in self.devices:
+                node["uid"], node["gid"] = uid, gid
+        self.dummy_dev_fuse = dummy_dev_fuse
         self.cwd = cwd
         self.umask = umask
         self.tmpfs = [self._container_path(t) for t in tmpfs]
@@ -471,6 +516,8 @@ class PodSandbox:
             "umask": self.umask,
             "tmpfs": list(self.tmpfs),
             "binds": list(self.binds),
+            "devices": list(self.devices),
+            "dummy_dev_fuse": self.dummy_dev_fuse,
             "cgroup_procs": self.cgroup_procs,
             "hide": list(self.hide),
             "ready_fd": ready_fd,

@@ -66,7 +66,8 @@ EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
 # Character devices a container runtime gives every container. /dev/fuse is
-# added separately as a bind of /dev/null.
+# added separately: a bind of /dev/null (the stand-in pods used before the
+# device plugin) unless the spec has no dummy, or a real device for it.
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -94,6 +95,19 @@ class BindSpec(TypedDict):
     propagation: str
 
 
+class DeviceNodeSpec(TypedDict):
+    """A device node as runc creates it from the OCI spec's linux.devices (mknod)."""
+
+    path: str
+    # "c" or "b", the host node's major and minor, its mode bits, owner and group.
+    type: str
+    major: int
+    minor: int
+    mode: int
+    uid: int
+    gid: int
+
+
 class Spec(TypedDict):
     argv: list[str]
     env: dict[str, str]
@@ -104,6 +118,10 @@ class Spec(TypedDict):
     umask: int
     tmpfs: list[str]
     binds: list[BindSpec]
+    # Device nodes a device plugin's Allocate asked for (kubelet's DeviceSpecs).
+    devices: list[DeviceNodeSpec]
+    # Whether /dev/fuse is a bind of /dev/null when no device is put there.
+    dummy_dev_fuse: bool
     # cgroup.procs file to join before the program starts, as a container
     # of a pod runs in that pod's cgroup; "" for none.
     cgroup_procs: str
@@ -241,12 +259,32 @@ def _detach_hidden(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _setup_dev(dev_fds: dict[str, int]) -> None:
+def _make_device(device: DeviceNodeSpec) -> None:
+    # runc's createDeviceNode (no user namespace): mknod with the host node's
+    # numbers and mode, then chown to its owner. Only below /dev, as a pod's
+    # devices are.
+    path = os.path.normpath(device["path"])
+    if not path.startswith("/dev/") or path.count("/") != 2:
+        raise SetupError(f"device path {device['path']} is not a file directly in /dev")
+    kind = {"c": stat.S_IFCHR, "b": stat.S_IFBLK}[device["type"]]
+    os.mknod(path, kind | (device["mode"] & 0o777), os.makedev(device["major"], device["minor"]))
+    os.chmod(path, device["mode"] & 0o777)  # mknod applied the umask
+    os.chown(path, device["uid"], device["gid"])
+
+
+def _setup_dev(
+    dev_fds: dict[str, int], devices: list[DeviceNodeSpec], dummy_dev_fuse: bool
+) -> None:
     mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m")
-    for name, fd in [*dev_fds.items(), ("fuse", dev_fds["null"])]:
+    dummies = [("fuse", dev_fds["null"])] if dummy_dev_fuse else []
+    if any(os.path.normpath(d["path"]) == "/dev/fuse" for d in devices):
+        dummies = []
+    for name, fd in [*dev_fds.items(), *dummies]:
         path = f"/dev/{name}"
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
         _bind_fd(fd, path, recursive=False)
+    for device in devices:
+        _make_device(device)
     os.mkdir("/dev/shm", 0o1777)
     mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
     os.symlink("/proc/self/fd", "/dev/fd")
@@ -285,7 +323,7 @@ def setup(spec: Spec) -> None:
         mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=256m")
         private.add(target)
 
-    _setup_dev(dev_fds)
+    _setup_dev(dev_fds, spec.get("devices", []), spec.get("dummy_dev_fuse", True))
 
     # Parents before children, so a bind below another bind lands on top of it.
     for bind, fd, is_dir in sorted(sources, key=lambda s: s[0]["dst"].rstrip("/").count("/")):

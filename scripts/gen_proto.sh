@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate csi_async/_proto from proto/csi/v1/csi.proto with betterproto2-compiler.
+# Regenerate csi_async/_proto from proto/ with betterproto2-compiler: CSI
+# (proto/csi/v1/csi.proto, package csi.v1) and kubelet's device plugin API
+# (proto/deviceplugin/v1beta1/api.proto, package v1beta1, taken as it is).
 # Usage: scripts/gen_proto.sh [OUTDIR]   (default: csi_async/_proto)
 #
 # The stubs are generated from a copy of csi.proto without its csi_secret field option:
@@ -16,7 +18,8 @@ venvbin=$(dirname "$py")
 include=$("$py" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/csi/v1"
+mkdir -p "$work/csi/v1" "$work/deviceplugin/v1beta1"
+cp proto/deviceplugin/v1beta1/api.proto "$work/deviceplugin/v1beta1/api.proto"
 # Each removal must match (a changed proto fails here rather than keep the import), and
 # nothing may name descriptor.proto or the option afterwards.
 "$py" - proto/csi/v1/csi.proto "$work/csi/v1/csi.proto" <<'PY'
@@ -43,4 +46,4 @@ mkdir -p "$out"
 PATH="$venvbin:$bindir:$PATH" "$py" -m grpc_tools.protoc -I "$work" -I "$include" \
   --python_betterproto2_out="$out" \
   --python_betterproto2_opt=client_generation=async,server_generation=async \
-  "$work/csi/v1/csi.proto" >/dev/null
+  "$work/csi/v1/csi.proto" "$work/deviceplugin/v1beta1/api.proto" >/dev/null

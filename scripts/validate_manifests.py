@@ -52,6 +52,8 @@ KUBERNETES_VERSION = "1.37.0"
 
 DRIVER_NAME = "fuse.csi-async.dev"
 KUBELET_ROOT = "/var/lib/kubelet"
+# The device plugin's resource (csi_async.config.DEFAULT_DEVICE_RESOURCE).
+DEVICE_RESOURCE = "fuse.csi-async.dev/fuse"
 # Where the fusermount3 zipapp looks for the broker socket by default, and
 # the variable that moves it (fusermount3_proxy/protocol.py).
 NATIVE_SOCKET_DIR = "/run/csi-async"
@@ -425,6 +427,10 @@ def fuse_pattern_problems(pod: Obj) -> list[str]:
                 problems += _sidecar_problems(c, fuse_volume)
                 problems += _socket_path_problems(c, mount, socket_name, mode)
 
+    sidecars = {id(c.spec) for servers in served_by.values() for c in servers}
+    for c in containers:
+        problems += _device_resource_problems(c, id(c.spec) in sidecars)
+
     order = {id(c.spec): i for i, c in enumerate(containers)}
     for fuse_volume in sorted(fuse_volumes):
         servers = served_by.get(fuse_volume, [])
@@ -447,6 +453,31 @@ def fuse_pattern_problems(pod: Obj) -> list[str]:
                         f"{c.label()}: reads {fuse_volume!r} but starts before the FUSE "
                         "sidecar that mounts it"
                     )
+    return problems
+
+
+def _device_resource_problems(c: Container, is_fuse_sidecar: bool) -> list[str]:
+    """The device plugin's resource: one, in limits, for a container that mounts FUSE."""
+    resources = c.spec.get("resources") or {}
+    limits = resources.get("limits") or {}
+    requests = resources.get("requests") or {}
+    if DEVICE_RESOURCE not in limits and DEVICE_RESOURCE not in requests:
+        return []
+    problems = []
+    if str(limits.get(DEVICE_RESOURCE)) != "1":
+        problems.append(
+            f"{c.label()}: ask for the device plugin with resources.limits "
+            f"{{{DEVICE_RESOURCE}: 1}} (one /dev/fuse serves every FUSE connection)"
+        )
+    if DEVICE_RESOURCE in requests and str(requests[DEVICE_RESOURCE]) != str(
+        limits.get(DEVICE_RESOURCE)
+    ):
+        problems.append(f"{c.label()}: requests of {DEVICE_RESOURCE} must equal its limits")
+    if not is_fuse_sidecar:
+        problems.append(
+            f"{c.label()}: asks for {DEVICE_RESOURCE} but mounts no broker socket: only the "
+            "container that runs the FUSE program needs /dev/fuse"
+        )
     return problems
 
 
@@ -747,12 +778,36 @@ def _driver_container_problems(where: str, c: Container, host_paths: dict[str, s
         problems.append(f"{where}: csi-async's --state-dir must be a mounted host path")
     elif host_paths.get(mounts[state.rstrip("/")]["name"]) is None:
         problems.append(f"{where}: the state dir must be a hostPath (sockets are bound into pods)")
+    problems += _device_plugin_problems(where, args, mounts, host_paths)
     endpoint = next((a.split("=", 1)[1] for a in args if a.startswith("--endpoint=")), "")
     socket_dir = str(PurePosixPath(endpoint.removeprefix("unix://")).parent)
     plugin_dir = f"{KUBELET_ROOT}/plugins/{DRIVER_NAME}"
     if socket_dir not in mounts or host_paths.get(mounts[socket_dir]["name"]) != plugin_dir:
         problems.append(f"{where}: --endpoint must be in a mount of the host's {plugin_dir}")
     return problems
+
+
+def _device_plugin_problems(
+    where: str, args: list[str], mounts: dict[str, Obj], host_paths: dict[str, str]
+) -> list[str]:
+    """With the device plugin on, its directory must be the host's kubelet device-plugins/."""
+    if "--no-device-plugin" in args:
+        return []
+    wanted = f"{KUBELET_ROOT}/device-plugins"
+    given = next(
+        (a.split("=", 1)[1] for a in args if a.startswith("--device-plugin-dir=")), wanted
+    ).rstrip("/")
+    holder = max(
+        (m for m in mounts if given == m or given.startswith(m + "/")), key=len, default=None
+    )
+    host = host_paths.get(mounts[holder]["name"]) if holder is not None else None
+    on_host = None if host is None or holder is None else host + given[len(holder) :]
+    if on_host != wanted:
+        return [
+            f"{where}: the device plugin's --device-plugin-dir ({given}) must be the host's "
+            f"{wanted}, where kubelet.sock is (or pass --no-device-plugin)"
+        ]
+    return []
 
 
 # --------------------------------------------------------------------------- main

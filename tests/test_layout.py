@@ -31,7 +31,7 @@ DOCS = REPO / "docs"
 PROTOCOL = "fusermount3_proxy.protocol"
 ZIPAPP = "fusermount3_proxy"
 # The rooms of the line; a module outside them is one of the top-level modules.
-ROOMS = ("csi", "kubelet", "volumes", "broker", "policy", "mount", "_proto")
+ROOMS = ("csi", "kubelet", "volumes", "broker", "policy", "mount", "deviceplugin", "_proto")
 WIRING = frozenset({"server", "serving", "cli", "config", "__main__"})
 NOT_SHIPPED = ("e2e", "bench", "tests")
 
@@ -74,6 +74,12 @@ RULES: dict[str, Rule] = {
         frozenset({"kubelet", "volumes", "policy", "logs", "metrics", "_proto", "csi_async"}),
         "csi/ checks CSI's own rules and maps errors to gRPC codes; brokers and mounts "
         "are reached only through the registry (volumes/), option rules through policy/",
+    ),
+    "deviceplugin": Rule(
+        frozenset({"logs", "_proto"}),
+        "deviceplugin/ serves kubelet's device plugin API beside the line, not on it: it "
+        "hands out /dev/fuse and mounts nothing, so it needs no volume, broker, policy or "
+        "mechanism, and no room of the line needs it (only the wiring starts it)",
     ),
     "_proto": Rule(frozenset(), "_proto/ is generated from proto/ and stands alone"),
     "logs": Rule(frozenset(), "logs.py is a leaf every room may use"),

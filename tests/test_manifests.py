@@ -283,6 +283,19 @@ def _wait_probe_killed_first(docs: list[Doc]) -> None:
     del container(pod(docs), "sshfs")["startupProbe"]["timeoutSeconds"]
 
 
+def _two_devices(docs: list[Doc]) -> None:
+    container(pod(docs), "sshfs")["resources"]["limits"]["fuse.csi-async.dev/fuse"] = 2
+
+
+def _device_for_the_app(docs: list[Doc]) -> None:
+    container(pod(docs), "app")["resources"] = {"limits": {"fuse.csi-async.dev/fuse": 1}}
+
+
+def _device_plugin_dir_elsewhere(docs: list[Doc]) -> None:
+    args = container(daemonset(docs), "csi-async")["args"]
+    args[:] = [a.replace("/var/lib/kubelet/device-plugins", "/run/device-plugins") for a in args]
+
+
 def _meta_fuse_socket_env_missing(docs: list[Doc]) -> None:
     del container(pod(docs), "starter")["env"]
 
@@ -363,6 +376,17 @@ BROKEN: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
         "examples/sshfs/pod.yaml", _wait_probe_killed_first,
         "init container 'sshfs': startupProbe timeoutSeconds (1) must be above fusermount3 "
         "--wait's --timeout (30 s)"),
+    "more than one /dev/fuse asked for": (
+        "examples/sshfs/pod.yaml", _two_devices,
+        "init container 'sshfs': ask for the device plugin with resources.limits "
+        "{fuse.csi-async.dev/fuse: 1}"),
+    "/dev/fuse for a container that mounts nothing": (
+        "examples/sshfs/pod.yaml", _device_for_the_app,
+        "container 'app': asks for fuse.csi-async.dev/fuse but mounts no broker socket"),
+    "device plugin directory not kubelet's": (
+        "manifests/daemonset.yaml", _device_plugin_dir_elsewhere,
+        "the device plugin's --device-plugin-dir (/run/device-plugins) must be the host's "
+        "/var/lib/kubelet/device-plugins"),
     "meta-fuse socket path not set": (
         "examples/meta-fuse-migration/pod.yaml", _meta_fuse_socket_env_missing,
         "set FUSERMOUNT3PROXY_FDPASSING_SOCKPATH=/fusermount3-proxy/fuse-csi-ephemeral.sock"),

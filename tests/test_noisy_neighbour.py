@@ -21,7 +21,11 @@ together):
      non-encodable string or an fd succeeds, no planted symlink is followed);
   R7 afterwards nothing is left: mounts below the kubelet root, sockets,
      socket directories and volume records in the state dir, pod
-     directories, pod cgroups, and the driver's threads are back at idle.
+     directories, pod cgroups, and the driver's threads are back at idle;
+  R8 the device plugin's socket (e2e/device_manager.py calling
+     GetDevicePluginOptions and Allocate as kubelet would) answers every
+     call within 3 s throughout, the CSI socket (R1) and the brokers beside it
+     on the same event loop.
 
 Deliberate restarts pause the neighbour between its steps (it is not the
 neighbour's business that the operator restarts the driver); the hostile
@@ -42,7 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_async._proto import v1beta1 as dp
+from csi_async.config import DEFAULT_DEVICE_RESOURCE
 from csi_async.mount.mountinfo import mounts_at
+from e2e.device_manager import DeviceManager
 from e2e.hostile import EXCHANGE_TIMEOUT, HostileError, HostilePod
 from e2e.kubelet import CsiError, Pod
 from e2e.node import NATIVE_SOCKET_DIR, Node
@@ -289,6 +296,57 @@ class Gate:
 # ---------------------------------------------------------------- the neighbour
 
 
+# R8: kubelet's calls to the device plugin, on the same event loop as the
+# brokers under attack, are answered: each within this long (retries
+# included, as kubelet retries), however busy the brokers are.
+PLUGIN_ANSWER = 3.0
+PLUGIN_PERIOD = 0.2
+MIN_PLUGIN_CALLS = 20
+
+
+@dataclass
+class PluginCaller:
+    """kubelet's device manager, calling GetDevicePluginOptions and Allocate in a loop."""
+
+    manager: DeviceManager
+    gate: Gate
+    answered: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def _one(self, index: int) -> None:
+        began = time.monotonic()
+        while True:
+            try:
+                if index % 2:
+                    self.manager.allocate_raw(
+                        DEFAULT_DEVICE_RESOURCE,
+                        dp.AllocateRequest(
+                            container_requests=[dp.ContainerAllocateRequest(devices_ids=["fuse-0"])]
+                        ),
+                    )
+                else:
+                    self.manager.call(
+                        DEFAULT_DEVICE_RESOURCE, "GetDevicePluginOptions", dp.Empty(),
+                        dp.DevicePluginOptions,
+                    )  # fmt: skip
+            except Exception as err:  # a restart's old channel, UNAVAILABLE, ...
+                if time.monotonic() - began > PLUGIN_ANSWER:
+                    self.failures.append(f"{type(err).__name__}: {err}")
+                    return
+                time.sleep(0.05)
+                continue
+            self.answered.append(time.monotonic() - began)
+            return
+
+    def run(self, deadline: float) -> None:
+        index = 0
+        while time.monotonic() < deadline:
+            with self.gate.step():
+                self._one(index)
+            index += 1
+            time.sleep(PLUGIN_PERIOD)
+
+
 @dataclass
 class Neighbour:
     """Publishes, mounts libfuse's hello through the zipapp, reads, unmounts
@@ -509,14 +567,21 @@ class Run:
         hostile.start()
         gate = Gate()
         neighbour = Neighbour(node, self.neighbour_pod, gate)
+        manager = DeviceManager(node.driver.device_plugin_dir).start()
+        manager.wait_registered(DEFAULT_DEVICE_RESOURCE)
+        caller = PluginCaller(manager, gate)
         started = time.monotonic()
         deadline = started + DURATION
-        with Supervisor(node, started) as supervisor:
+        with Supervisor(node, started) as supervisor, contextlib.closing(manager):
             try:
                 hostile.go(deadline)
                 worker = threading.Thread(target=neighbour.run, args=(deadline,),
                                           name="neighbour", daemon=True)  # fmt: skip
                 worker.start()
+                plugin_worker = threading.Thread(
+                    target=caller.run, args=(deadline,), name="device-plugin", daemon=True
+                )
+                plugin_worker.start()
                 for at, sig in RESTARTS:
                     time.sleep(max(0.0, started + at - time.monotonic()))  # the schedule
                     with gate.pause():
@@ -524,6 +589,7 @@ class Run:
                 worker.join(max(0.0, deadline - time.monotonic()) + 3 * STEP_TIMEOUT)
                 if worker.is_alive():
                     self.broken.append("R2 the neighbour's last cycle did not finish")
+                plugin_worker.join(max(0.0, deadline - time.monotonic()) + 2 * PLUGIN_ANSWER)
                 try:
                     self.reports = hostile.wait(EXCHANGE_TIMEOUT + 20.0)
                 except HostileError as err:
@@ -532,6 +598,7 @@ class Run:
                 hostile.kill()
         supervisor.ensure_running()
         self._check_neighbour(neighbour, time.monotonic() - started)
+        self._check_plugin(caller)
         self._check_driver(supervisor, idle_threads)
         self._check_hostile(hostile, supervisor)
         leftovers: list[str] = []
@@ -577,6 +644,23 @@ class Run:
             self.broken.append(
                 f"R2 the neighbour completed only {neighbour.cycles} cycles in {elapsed:.0f} s "
                 f"(at least {MIN_NEIGHBOUR_CYCLES})"
+            )
+
+    def _check_plugin(self, caller: PluginCaller) -> None:
+        slowest = max(caller.answered, default=0.0)
+        self.summary.append(
+            f"device plugin: {len(caller.answered)} calls answered, slowest {slowest:.3f} s, "
+            f"{len(caller.failures)} unanswered"
+        )
+        if caller.failures:
+            self.broken.append(
+                f"R8 {len(caller.failures)} device plugin calls were not answered within "
+                f"{PLUGIN_ANSWER} s: {caller.failures[:3]}"
+            )
+        if len(caller.answered) < MIN_PLUGIN_CALLS:
+            self.broken.append(
+                f"R8 only {len(caller.answered)} device plugin calls were answered "
+                f"(at least {MIN_PLUGIN_CALLS})"
             )
 
     def _check_driver(self, supervisor: Supervisor, idle_threads: int) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from csi_async._proto import v1beta1 as dp
 from csi_async._proto.csi import v1 as csi
 from csi_async._proto.google import protobuf
 
@@ -52,3 +53,28 @@ def test_the_stubs_carry_no_descriptor_proto() -> None:
     assert hasattr(protobuf, "BoolValue")
     fields = {field.name for field in dataclasses.fields(csi.NodePublishVolumeRequest)}
     assert {"secrets", "volume_context", "target_path"} <= fields
+
+
+def test_the_device_plugin_stubs_speak_kubelets_paths() -> None:
+    """proto/deviceplugin/v1beta1/api.proto keeps kubelet's package, so the gRPC paths match.
+
+    kubelet dials /v1beta1.Registration/Register and /v1beta1.DevicePlugin/<method>; a
+    renamed package would still generate, and no kubelet would ever reach the plugin.
+    """
+    proto = (REPO / "proto" / "deviceplugin" / "v1beta1" / "api.proto").read_text()
+    assert "Licensed under the Apache License, Version 2.0" in proto
+    assert "\npackage v1beta1;\n" in proto
+    servicer = dp.DevicePluginBase()
+    assert sorted(servicer.__mapping__()) == [
+        "/v1beta1.DevicePlugin/Allocate",
+        "/v1beta1.DevicePlugin/GetDevicePluginOptions",
+        "/v1beta1.DevicePlugin/GetPreferredAllocation",
+        "/v1beta1.DevicePlugin/ListAndWatch",
+        "/v1beta1.DevicePlugin/PreStartContainer",
+    ]
+    assert list(dp.RegistrationBase().__mapping__()) == ["/v1beta1.Registration/Register"]
+    # The field numbers kubelet's Go stubs use, on the wire.
+    spec = dp.DeviceSpec(container_path="/dev/fuse", host_path="/dev/fuse", permissions="rw")
+    assert bytes(spec) == b"\n\t/dev/fuse\x12\t/dev/fuse\x1a\x02rw"
+    request = dp.ContainerAllocateRequest(devices_ids=["fuse-1"])
+    assert bytes(request) == b"\n\x06fuse-1"

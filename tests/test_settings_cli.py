@@ -42,6 +42,11 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     "metrics_address": (["--metrics-address", ":9809"], ":9809", ":9809"),
     "max_connections": (["--max-connections", "7"], "7", 7),
     "max_connections_per_pod": (["--max-connections-per-pod", "3"], "3", 3),
+    "device_plugin": (["--no-device-plugin"], "off", False),
+    "device_plugin_dir": (["--device-plugin-dir", "/srv/dp/"], "/srv/dp/", Path("/srv/dp")),
+    "device_plugin_resource": (["--device-plugin-resource", "example.com/fuse"],
+                               "example.com/fuse", "example.com/fuse"),
+    "device_plugin_devices": (["--device-plugin-devices", "12"], "12", 12),
 }  # fmt: skip
 
 
@@ -207,6 +212,14 @@ def test_the_defaults_are_the_models(parse: Any) -> None:
         ({"CSI_ASYNC_MAX_CONNECTIONS": "0"}, "CSI_ASYNC_MAX_CONNECTIONS"),
         ({"CSI_ASYNC_ALLOW_OTHER": "maybe"}, "CSI_ASYNC_ALLOW_OTHER"),
         ({"CSI_ASYNC_METRICS_ADDRESS": "nowhere"}, "CSI_ASYNC_METRICS_ADDRESS"),
+        ({"CSI_ASYNC_DEVICE_PLUGIN_DEVICES": "0"}, "CSI_ASYNC_DEVICE_PLUGIN_DEVICES"),
+        ({"CSI_ASYNC_DEVICE_PLUGIN_DEVICES": "10001"}, "CSI_ASYNC_DEVICE_PLUGIN_DEVICES"),
+        ({"CSI_ASYNC_DEVICE_PLUGIN_RESOURCE": "fuse"}, "CSI_ASYNC_DEVICE_PLUGIN_RESOURCE"),
+        (
+            {"CSI_ASYNC_DEVICE_PLUGIN_RESOURCE": "kubernetes.io/fuse"},
+            "CSI_ASYNC_DEVICE_PLUGIN_RESOURCE",
+        ),
+        ({"CSI_ASYNC_DEVICE_PLUGIN_DIR": "relative/dir"}, "CSI_ASYNC_DEVICE_PLUGIN_DIR"),
     ],
 )
 def test_a_bad_variable_is_a_usage_error_naming_it(
