@@ -59,7 +59,8 @@ class Settings(BaseModel):
     allow_other: bool = Field(
         default=True,
         description="Mount FUSE with allow_other (with default_permissions), so "
-        "containers running as other uids can read the mount.",
+        "containers running as other uids can read the mount. Off: pods may not ask for it; "
+        "a PersistentVolume's own options still may.",
     )
 
     peer_check: Literal["cgroup", "off"] = Field(

@@ -40,7 +40,7 @@ from csi_async.config import DEFAULT_DRIVER_NAME
 from csi_async.mount.mountinfo import MountEntry, mounts_at
 from e2e.driver import DriverProcess
 from e2e.hostenv import KubeletRoot
-from e2e.kubelet import KubeletEmulator, Pod, PublishedVolume, VolumeRequest
+from e2e.kubelet import KubeletEmulator, PersistentVolume, Pod, PublishedVolume, VolumeRequest
 from e2e.podcgroup import cgroup2_root, pod_cgroup, remove_pod_cgroups
 from e2e.pods import (
     BACKOFF_INITIAL,
@@ -211,6 +211,28 @@ class Node:
                 env={META_FUSE_SOCKET_ENV: "/run/fusermount3-proxy/fuse-csi-ephemeral.sock"},
             )  # fmt: skip
         raise ValueError(f"unknown mode {mode!r}")
+
+    def publish_pv(self, pod: Pod, pv: PersistentVolume, readonly: bool = False) -> Path:
+        """Set up a PV-backed volume of the pod, as kubelet does (final errors raised)."""
+        published = self.kubelet.publish_pv(pod, pv, readonly)
+        self._record(published)
+        return published.target_path
+
+    def publish_pv_fuse_volume(
+        self, pod: Pod, pv: PersistentVolume, *, readonly: bool = False,
+        socket_volume: str = "fuse-broker",
+    ) -> FuseVolume:  # fmt: skip
+        """A PV-backed FUSE volume and its socket volume (inline, socketFor: the PV's name).
+
+        The pod names the FUSE volume by the PV's name: that is the name
+        kubelet puts in the target path, the only one the driver learns.
+        """
+        target = self.publish_pv(pod, pv, readonly)
+        socket_dir = self.publish(pod, socket_volume, {"socketFor": pv.name}, readonly=True)
+        return FuseVolume(
+            pod, pv.name, target, {NATIVE_SOCKET_DIR: socket_dir},
+            companion_volumes=[socket_volume],
+        )  # fmt: skip
 
     def empty_dir_path(self, pod: Pod, name: str) -> Path:
         return self.kubelet.pod_dir(pod) / "volumes" / "kubernetes.io~empty-dir" / name
