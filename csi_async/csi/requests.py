@@ -52,11 +52,11 @@ MAX_VOLUME_ID = 128
 
 
 def _mount_options(
-    attrs: VolumeAttributes, mount_flags: list[str], policy: NodePolicy, kind: VolumeKind
+    attrs: VolumeAttributes, mount_flags: list[str], policy: NodePolicy, origin: VolumeKind
 ) -> list[str]:
     try:
         return volume_options(
-            attrs.mount_options or "", mount_flags, policy, administrator=kind == "persistent"
+            attrs.mount_options or "", mount_flags, policy, administrator=origin == "persistent"
         )
     except OptionRefused as err:
         raise InvalidRequest(f"mountOptions: {err.message}") from None
@@ -95,14 +95,15 @@ def validate_publish(
     target = parse_target_path(kubelet_root, request.target_path)
     context = dict(request.volume_context)
     attrs = parse_volume_context(context)
-    kind = volume_kind(request.volume_id, target, attrs)
-    if mode not in _ALLOWED_MODES[kind]:
-        allowed = "single-node modes only" if kind == "inline" else "single- and multi-node modes"
+    # Inline or a PV: what the volume may do depends on who wrote it.
+    origin = volume_kind(request.volume_id, target, attrs)
+    if mode not in _ALLOWED_MODES[origin]:
+        allowed = "single-node modes only" if origin == "inline" else "single- and multi-node modes"
         raise InvalidRequest(
-            f"access mode {mode!r} is not supported for {kind} volumes ({allowed})"
+            f"access mode {mode!r} is not supported for {origin} volumes ({allowed})"
         )
 
-    options = _mount_options(attrs, list(capability.mount.mount_flags), policy, kind)
+    options = _mount_options(attrs, list(capability.mount.mount_flags), policy, origin)
     read_only = request.readonly or mode in _READ_ONLY_MODES
     fingerprint = repr(
         (
@@ -122,7 +123,7 @@ def validate_publish(
         attributes=attrs,
         mount_options=tuple(options),
         kind="socket" if attrs.socket_for is not None else "fuse",
-        persistent=kind == "persistent",
+        persistent=origin == "persistent",
         fingerprint=fingerprint,
     )
 
