@@ -159,6 +159,9 @@ class VolumeRequest:
     name: str
     attributes: Mapping[str, str] = field(default_factory=dict)
     readonly: bool = False
+    # volumes[].persistentVolumeClaim instead: the PV bound to the claim
+    # (attributes unused; readonly is the claim volume's readOnly).
+    pv: PersistentVolume | None = None
 
 
 @dataclass(frozen=True)
@@ -637,9 +640,12 @@ class KubeletEmulator:
             delay = self.backoff_initial
             while True:
                 try:
-                    result = self.publish(
-                        pod, volume.name, volume.attributes, volume.readonly, retries=False
-                    )
+                    if volume.pv is not None:
+                        result = self.publish_pv(pod, volume.pv, volume.readonly, retries=False)
+                    else:
+                        result = self.publish(
+                            pod, volume.name, volume.attributes, volume.readonly, retries=False
+                        )
                 except CsiError as e:
                     if (e.final and not retry_final) or time.monotonic() + delay > deadline:
                         with lock:

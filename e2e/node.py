@@ -48,6 +48,7 @@ from e2e.pods import (
     META_FUSE_SOCKET_ENV,
     NATIVE_SOCKET_DIR,
     RELIST_PERIOD,
+    ClaimVolume,
     CsiVolume,
     EmptyDirVolume,
     PodSpec,
@@ -278,12 +279,17 @@ class Node:
             VolumeRequest(name, dict(v.volume_attributes), v.read_only)
             for name, v in spec.volumes.items() if isinstance(v, CsiVolume)
         ]  # fmt: skip
+        csi += [
+            VolumeRequest(name, readonly=v.read_only, pv=v.pv)
+            for name, v in spec.volumes.items() if isinstance(v, ClaimVolume)
+        ]  # fmt: skip
         empty_dirs = [name for name, v in spec.volumes.items() if isinstance(v, EmptyDirVolume)]
         self.kubelet.publish_volumes(
             pod, csi, timeout=volume_timeout, retry_final=True, on_published=self._record,
             before={name: partial(self.make_empty_dir, pod, name) for name in empty_dirs},
         )  # fmt: skip
-        paths = {v.name: self.kubelet.target_path(pod, v.name) for v in csi}
+        # A claim's volume is at its PV's name, as kubelet puts it.
+        paths = {v.name: self.kubelet.target_path(pod, v.pv.name if v.pv else v.name) for v in csi}
         paths |= {name: self.empty_dir_path(pod, name) for name in empty_dirs}
         running = RunningPod(
             pod, spec, paths, self.zipapp,
@@ -301,8 +307,10 @@ class Node:
         self._pods.remove(running)
         pod = running.pod
         for name, volume in running.spec.volumes.items():
-            if isinstance(volume, CsiVolume) and (pod, name) in self._published:
-                self.unpublish(pod, name)
+            # A claim's volume was published under its PV's name, as kubelet does.
+            published = volume.pv.name if isinstance(volume, ClaimVolume) else name
+            if isinstance(volume, CsiVolume | ClaimVolume) and (pod, published) in self._published:
+                self.unpublish(pod, published)
             elif isinstance(volume, EmptyDirVolume):
                 shutil.rmtree(self.empty_dir_path(pod, name), ignore_errors=True)
 

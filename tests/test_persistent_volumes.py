@@ -24,7 +24,15 @@ from csi_async.mount.mountinfo import mounts_at
 from e2e.driver import DriverProcess
 from e2e.kubelet import CsiError, KubeletEmulator, PersistentVolume, Pod
 from e2e.node import META_FUSE_SOCKET_ENV, FuseVolume, Node
-from e2e.sandbox import Container
+from e2e.pods import (
+    ALWAYS,
+    ContainerSpec,
+    PodSpec,
+    RunningPod,
+    fuse_claim_volume_spec,
+    fuse_startup_probe,
+)
+from e2e.sandbox import HOST_TO_CONTAINER, Container
 from tests.helpers import publish_request
 
 HELLO_TEXT = "Hello World!\n"
@@ -238,6 +246,49 @@ def test_two_pods_on_one_node_share_a_pv_each_with_its_own_mount_and_socket(
     assert not node.kubelet.device_mount_path(pv.volume_handle).parent.exists()
     for program in programs:
         program.wait(15)
+
+
+def claim_pod(fuse_examples: Path, pv: PersistentVolume) -> PodSpec:
+    """The documented pattern on a claim: hello as a native sidecar, then the app."""
+    fuse = fuse_claim_volume_spec("data", pv)
+    sidecar = ContainerSpec(
+        "fuse", [str(fuse_examples / "hello"), "-f", DATA], fuse.fuse_container_mounts(DATA),
+        restart_policy=ALWAYS, startup_probe=fuse_startup_probe(DATA),
+    )  # fmt: skip
+    idle = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"]
+    app = ContainerSpec(
+        "app", idle, [fuse.consumer_mount(DATA, HOST_TO_CONTAINER)],
+        run_as_user=1000, run_as_group=1000,
+    )  # fmt: skip
+    return PodSpec(
+        containers=[app], init_containers=[sidecar], volumes=fuse.volumes,
+        termination_grace_period_seconds=5,
+    )  # fmt: skip
+
+
+def test_two_running_pods_with_the_sidecar_pattern_share_a_pv(
+    node: Node, fuse_examples: Path
+) -> None:
+    # The pod worker publishes each pod's volumes at once, in a random order
+    # (the socket volume may come before the PV's), then starts the sidecar.
+    pv = PersistentVolume("shared-hello", "hello/shared")
+    running: list[RunningPod] = []
+    for name in ("web-1", "web-2"):
+        pod = node.run_pod(Pod(name), claim_pod(fuse_examples, pv))
+        pod.wait_running(timeout=60)
+        running.append(pod)
+    for pod in running:
+        ok, text = pod.read("app", f"{DATA}/hello")
+        assert ok and text == HELLO_TEXT, pod.describe()
+    targets = [node.kubelet.target_path(p.pod, pv.name) for p in running]
+    assert len({node.wait_mounted(t).minor for t in targets}) == 2
+
+    for pod in running:
+        node.delete_pod(pod)
+    for target in targets:
+        assert not mounts_at(os.fspath(target))
+        assert not target.parent.exists()
+    assert not node.kubelet.device_mount_path(pv.volume_handle).parent.exists()
 
 
 def test_a_read_only_many_pv_mounts_read_only_whatever_the_program_asks(
