@@ -227,6 +227,16 @@ def test_two_pods_on_one_node_share_a_pv_each_with_its_own_mount_and_socket(
     sockets = [v.socket_binds["/run/csi-async"] for v in volumes]
     assert sockets[0] != sockets[1]
 
+    # One pod's socket serves only that pod, though both mount the same PV.
+    intruder = node.sandbox({DATA: volumes[1].target, "/run/csi-async": sockets[0]})
+    result = intruder.run(
+        [str(fuse_examples / "hello"), "-f", DATA], capture_output=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "does not run in that pod" in result.stderr.decode()
+    assert not mounts_at(os.fspath(volumes[0].target))
+    assert not mounts_at(os.fspath(volumes[1].target))
+
     programs = [start_hello(node, v, fuse_examples) for v in volumes]
     mounts = [node.wait_mounted_by(p, v.target) for p, v in zip(programs, volumes, strict=True)]
     # Two superblocks, each served by its own pod's program.
