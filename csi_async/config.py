@@ -64,7 +64,8 @@ class Settings(BaseModel):
     allow_other: bool = Field(
         default=True,
         description="Mount FUSE with allow_other, so containers running as other uids "
-        "can use the mount (default_permissions only when the program asks for it).",
+        "can use the mount (default_permissions only when the program asks for it). "
+        "Off: pods may not ask for it; a PersistentVolume's own options still may.",
     )
 
     peer_check: Literal["cgroup", "off"] = Field(

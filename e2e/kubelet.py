@@ -1,4 +1,4 @@
-"""A kubelet emulator for CSI inline ephemeral volumes, over a real grpcio client.
+"""A kubelet emulator for CSI inline volumes and static PersistentVolumes, over grpcio.
 
 It speaks to the driver with grpcio (grpc-core, HTTP/2 in C) — a different
 gRPC stack from the driver's grpclib — and behaves like kubelet's CSI volume
@@ -22,6 +22,28 @@ plugin (pkg/volume/csi, see docs in /work/shared/reference/csi-and-kubelet.md §
   and the FUSE volume first for the next), each retried on failure with the
   operation executor's exponential backoff (500 ms doubling, capped at
   2 min 2 s), final errors included, until the pod's volume wait gives up.
+
+For a PersistentVolume (publish_pv; pkg/volume/csi with attachRequired false
+and no STAGE_UNSTAGE_VOLUME advertised):
+
+* target path  <root>/pods/<pod uid>/volumes/kubernetes.io~csi/<PV name>/mount,
+  volume_id the PV's spec.csi.volumeHandle;
+* MountDevice once per node while any pod uses the PV (csiAttacher):
+  NodeGetCapabilities, MkdirAll(plugins/kubernetes.io/csi/<driver>/
+  <sha256(handle)>/globalmount, 0750), vol_data.json {volumeHandle,
+  driverName} beside it, then nothing more (no NodeStageVolume);
+* SetUp: vol_data.json (specVolID = PV name, volumeLifecycleMode
+  "Persistent") at NewMounter, NodeGetCapabilities (stage check),
+  MkdirAll(volume dir), NodeGetCapabilities twice (VOLUME_MOUNT_GROUP, then
+  the access-mode mapper), NodePublishVolume: volume_context =
+  spec.csi.volumeAttributes + pod info with ephemeral "false", access mode
+  from the PV's first access mode (asCSIAccessModeV1), mount_flags =
+  spec.mountOptions, fs_type = spec.csi.fsType, readonly = the pod's
+  persistentVolumeClaim.readOnly (the PV's csi.readOnly is only for
+  ControllerPublish, never sent to the node);
+* TearDown as for inline volumes (the volume_id from vol_data.json), and
+  after the node's last pod of the PV, UnmountDevice: NodeGetCapabilities,
+  then removeMountDir of globalmount.
 
 Containers and pods (init containers, native sidecars, restarts, the
 runtime's bind mounts) are in e2e.pods and e2e.sandbox.
@@ -73,6 +95,7 @@ T = TypeVar("T")
 
 CSI_PLUGIN_NAME = "kubernetes.io/csi"
 VOL_DATA_FILE = "vol_data.json"
+GLOBAL_MOUNT = "globalmount"
 
 KEY_POD_NAME = "csi.storage.k8s.io/pod.name"
 KEY_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
@@ -136,6 +159,41 @@ class VolumeRequest:
     name: str
     attributes: Mapping[str, str] = field(default_factory=dict)
     readonly: bool = False
+    # volumes[].persistentVolumeClaim instead: the PV bound to the claim
+    # (attributes unused; readonly is the claim volume's readOnly).
+    pv: PersistentVolume | None = None
+
+
+@dataclass(frozen=True)
+class PersistentVolume:
+    """A statically provisioned PV of the driver, the fields kubelet reads of it.
+
+    access_modes are the API's names; kubelet sends only the first one.
+    csi_read_only is spec.csi.readOnly, which kubelet never sends to the node.
+    """
+
+    name: str
+    volume_handle: str
+    volume_attributes: Mapping[str, str] = field(default_factory=dict)
+    access_modes: tuple[str, ...] = ("ReadWriteMany",)
+    mount_options: tuple[str, ...] = ()
+    fs_type: str = ""
+    csi_read_only: bool = False
+
+
+# kubelet's asCSIAccessModeV1, and asSingleNodeMultiWriterCapableCSIAccessModeV1
+# for a driver that advertises SINGLE_NODE_MULTI_WRITER.
+ACCESS_MODES = {
+    "ReadWriteOnce": VolumeCapabilityAccessModeMode.SINGLE_NODE_WRITER,
+    "ReadOnlyMany": VolumeCapabilityAccessModeMode.MULTI_NODE_READER_ONLY,
+    "ReadWriteMany": VolumeCapabilityAccessModeMode.MULTI_NODE_MULTI_WRITER,
+    "ReadWriteOncePod": VolumeCapabilityAccessModeMode.SINGLE_NODE_WRITER,
+}
+ACCESS_MODES_MULTI_WRITER_CAPABLE = {
+    **ACCESS_MODES,
+    "ReadWriteOnce": VolumeCapabilityAccessModeMode.SINGLE_NODE_MULTI_WRITER,
+    "ReadWriteOncePod": VolumeCapabilityAccessModeMode.SINGLE_NODE_SINGLE_WRITER,
+}
 
 
 def escape_qualified_name(name: str) -> str:
@@ -187,6 +245,11 @@ class KubeletEmulator:
         self._client = CsiClient(csi_endpoint, rpc_timeout)
         # The order in which publish_volumes starts its goroutines.
         self.rng = random.Random()
+        # PV handle -> the pods of this node that have it set up (the actual
+        # state of the world: MountDevice before the first, UnmountDevice
+        # after the last).
+        self._device_users: dict[str, set[str]] = {}
+        self._device_lock = threading.Lock()
 
     # ---------------------------------------------------------------- paths
 
@@ -244,6 +307,75 @@ class KubeletEmulator:
                 }
             )
         return context
+
+    def pv_vol_data(self, pv: PersistentVolume) -> dict[str, str]:
+        """csiPlugin.NewMounter's vol_data.json for a PV."""
+        return {
+            "specVolID": pv.name,
+            "volumeHandle": pv.volume_handle,
+            "driverName": self.driver_name,
+            "nodeName": self.node_name,
+            "volumeLifecycleMode": "Persistent",
+            "attachmentID": attachment_id(pv.volume_handle, self.driver_name, self.node_name),
+        }
+
+    def device_mount_path(self, volume_handle: str) -> Path:
+        """makeDeviceMountPath: plugins/kubernetes.io/csi/<driver>/<sha256(handle)>/globalmount."""
+        digest = hashlib.sha256(volume_handle.encode()).hexdigest()
+        return (
+            self.root / "plugins" / escape_qualified_name(CSI_PLUGIN_NAME)
+            / self.driver_name / digest / GLOBAL_MOUNT
+        )  # fmt: skip
+
+    @staticmethod
+    def _write_json(path: Path, data: Mapping[str, str]) -> None:
+        # Go's json.Marshal of a map sorts keys and adds no whitespace.
+        path.write_text(json.dumps(dict(data), sort_keys=True, separators=(",", ":")))
+
+    def pv_volume_context(self, pod: Pod, pv: PersistentVolume) -> dict[str, str]:
+        """spec.csi.volumeAttributes merged with pod info, ephemeral "false"."""
+        context = dict(pv.volume_attributes)
+        if self.pod_info_on_mount:
+            context.update(
+                {
+                    KEY_POD_NAME: pod.name,
+                    KEY_POD_NAMESPACE: pod.namespace,
+                    KEY_POD_UID: pod.uid,
+                    KEY_SERVICE_ACCOUNT: pod.service_account,
+                    KEY_EPHEMERAL: "false",
+                }
+            )
+        return context
+
+    def build_pv_publish_request(
+        self,
+        pod: Pod,
+        pv: PersistentVolume,
+        readonly: bool = False,
+        *,
+        node_capabilities: frozenset[NodeServiceCapabilityRpcType] = frozenset(),
+    ) -> NodePublishVolumeRequest:
+        """The NodePublishVolumeRequest kubelet's csiMountMgr.SetUpAt sends for a PV."""
+        modes = (
+            ACCESS_MODES_MULTI_WRITER_CAPABLE
+            if NodeServiceCapabilityRpcType.SINGLE_NODE_MULTI_WRITER in node_capabilities
+            else ACCESS_MODES
+        )
+        # AccessModes[0], ReadWriteOnce when the PV lists none.
+        first = pv.access_modes[0] if pv.access_modes else "ReadWriteOnce"
+        mode = modes.get(first, VolumeCapabilityAccessModeMode.UNKNOWN)
+        return NodePublishVolumeRequest(
+            volume_id=pv.volume_handle,
+            target_path=str(self.target_path(pod, pv.name)),
+            volume_capability=VolumeCapability(
+                mount=VolumeCapabilityMountVolume(
+                    fs_type=pv.fs_type, mount_flags=list(pv.mount_options)
+                ),
+                access_mode=VolumeCapabilityAccessMode(mode=mode),
+            ),
+            readonly=readonly,
+            volume_context=self.pv_volume_context(pod, pv),
+        )
 
     def build_publish_request(
         self,
@@ -403,6 +535,79 @@ class KubeletEmulator:
 
         return self._with_retries(attempt) if retries else attempt()
 
+    def mount_device(self, pv: PersistentVolume) -> Path:
+        """csiAttacher.MountDevice without STAGE_UNSTAGE_VOLUME: metadata, no RPC but the check."""
+        caps = self.node_capabilities()
+        device_path = self.device_mount_path(pv.volume_handle)
+        os.makedirs(device_path, mode=0o750, exist_ok=True)
+        self._write_json(
+            device_path.parent / VOL_DATA_FILE,
+            {"volumeHandle": pv.volume_handle, "driverName": self.driver_name},
+        )
+        if NodeServiceCapabilityRpcType.STAGE_UNSTAGE_VOLUME in caps:
+            raise NotImplementedError("this emulator does not stage volumes")
+        return device_path
+
+    def unmount_device(self, volume_handle: str) -> None:
+        """csiAttacher.UnmountDevice without STAGE_UNSTAGE_VOLUME: removeMountDir(globalmount)."""
+        self.node_capabilities()
+        self.remove_mount_dir(self.device_mount_path(volume_handle))
+
+    def publish_pv(
+        self,
+        pod: Pod,
+        pv: PersistentVolume,
+        readonly: bool = False,
+        *,
+        retries: bool = True,
+    ) -> PublishedVolume:
+        """Set up a PV-backed volume of `pod`: MountDevice if the node has no pod of
+        it yet, then csiMountMgr.SetUpAt. readonly is the pod's
+        persistentVolumeClaim.readOnly. Errors as for publish()."""
+        with self._device_lock:
+            users = self._device_users.setdefault(pv.volume_handle, set())
+            if not users:
+                self.mount_device(pv)
+            users.add(pod.uid)
+        target = self.target_path(pod, pv.name)
+
+        def attempt() -> PublishedVolume:
+            # NewMounter: the volume dir and vol_data.json, before SetUpAt.
+            os.makedirs(target.parent, mode=0o750, exist_ok=True)
+            self._write_json(target.parent / VOL_DATA_FILE, self.pv_vol_data(pv))
+            self.node_capabilities()  # NodeSupportsStageUnstage: no deviceMountPath
+            os.makedirs(target.parent, mode=0o750, exist_ok=True)
+            self.node_capabilities()  # VOLUME_MOUNT_GROUP check
+            caps = self.node_capabilities()  # the access-mode mapper in the client
+            request = self.build_pv_publish_request(pod, pv, readonly, node_capabilities=caps)
+            try:
+                self.call("/csi.v1.Node/NodePublishVolume", request, NodePublishVolumeResponse)
+            except CsiError as e:
+                if e.final:
+                    self.remove_mount_dir(target)
+                raise
+            return PublishedVolume(pod, pv.name, request.volume_id, target, request)
+
+        try:
+            return self._with_retries(attempt) if retries else attempt()
+        except BaseException:
+            # The pod gives up on the volume here; kubelet would UnmountDevice
+            # once no pod of the node wants it, which for a test is now.
+            self._release_device(pod, pv.volume_handle)
+            raise
+
+    def _release_device(self, pod: Pod, handle: str) -> None:
+        """The pod no longer uses the PV; after the node's last one, UnmountDevice."""
+        with self._device_lock:
+            users = self._device_users.get(handle)
+            if users is None:
+                return
+            users.discard(pod.uid)
+            if users:
+                return
+            del self._device_users[handle]
+            self.unmount_device(handle)
+
     def publish_volumes(
         self,
         pod: Pod,
@@ -435,9 +640,12 @@ class KubeletEmulator:
             delay = self.backoff_initial
             while True:
                 try:
-                    result = self.publish(
-                        pod, volume.name, volume.attributes, volume.readonly, retries=False
-                    )
+                    if volume.pv is not None:
+                        result = self.publish_pv(pod, volume.pv, volume.readonly, retries=False)
+                    else:
+                        result = self.publish(
+                            pod, volume.name, volume.attributes, volume.readonly, retries=False
+                        )
                 except CsiError as e:
                     if (e.final and not retry_final) or time.monotonic() + delay > deadline:
                         with lock:
@@ -488,10 +696,13 @@ class KubeletEmulator:
         """
         target = self.target_path(pod, volume_name)
         volume_id = self.volume_id(pod, volume_name)
-        # After a kubelet restart the unmounter is rebuilt from vol_data.json.
+        # The unmounter is built from vol_data.json (NewUnmounter), which for
+        # a PV holds its volumeHandle.
         data_file = target.parent / VOL_DATA_FILE
+        vol_data: dict[str, str] = {}
         if data_file.exists():
-            volume_id = json.loads(data_file.read_text()).get("volumeHandle", volume_id)
+            vol_data = json.loads(data_file.read_text())
+            volume_id = vol_data.get("volumeHandle", volume_id)
         request = NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
         self._with_retries(
             lambda: self.call(
@@ -501,6 +712,8 @@ class KubeletEmulator:
         removed = self.remove_mount_dir(target)
         if not removed and strict:
             raise StillMountedError(f"{target} is still a mount point after NodeUnpublishVolume")
+        if vol_data.get("volumeLifecycleMode") == "Persistent":
+            self._release_device(pod, volume_id)
         return removed
 
     def remove_mount_dir(self, target: Path) -> bool:

@@ -40,7 +40,7 @@ from csi_async.config import DEFAULT_DRIVER_NAME
 from csi_async.mount.mountinfo import MountEntry, mounts_at
 from e2e.driver import DriverProcess
 from e2e.hostenv import KubeletRoot
-from e2e.kubelet import KubeletEmulator, Pod, PublishedVolume, VolumeRequest
+from e2e.kubelet import KubeletEmulator, PersistentVolume, Pod, PublishedVolume, VolumeRequest
 from e2e.podcgroup import cgroup2_root, pod_cgroup, remove_pod_cgroups
 from e2e.pods import (
     BACKOFF_INITIAL,
@@ -48,6 +48,7 @@ from e2e.pods import (
     META_FUSE_SOCKET_ENV,
     NATIVE_SOCKET_DIR,
     RELIST_PERIOD,
+    ClaimVolume,
     CsiVolume,
     EmptyDirVolume,
     PodSpec,
@@ -212,6 +213,28 @@ class Node:
             )  # fmt: skip
         raise ValueError(f"unknown mode {mode!r}")
 
+    def publish_pv(self, pod: Pod, pv: PersistentVolume, readonly: bool = False) -> Path:
+        """Set up a PV-backed volume of the pod, as kubelet does (final errors raised)."""
+        published = self.kubelet.publish_pv(pod, pv, readonly)
+        self._record(published)
+        return published.target_path
+
+    def publish_pv_fuse_volume(
+        self, pod: Pod, pv: PersistentVolume, *, readonly: bool = False,
+        socket_volume: str = "fuse-broker",
+    ) -> FuseVolume:  # fmt: skip
+        """A PV-backed FUSE volume and its socket volume (inline, socketFor: the PV's name).
+
+        The pod names the FUSE volume by the PV's name: that is the name
+        kubelet puts in the target path, the only one the driver learns.
+        """
+        target = self.publish_pv(pod, pv, readonly)
+        socket_dir = self.publish(pod, socket_volume, {"socketFor": pv.name}, readonly=True)
+        return FuseVolume(
+            pod, pv.name, target, {NATIVE_SOCKET_DIR: socket_dir},
+            companion_volumes=[socket_volume],
+        )  # fmt: skip
+
     def empty_dir_path(self, pod: Pod, name: str) -> Path:
         return self.kubelet.pod_dir(pod) / "volumes" / "kubernetes.io~empty-dir" / name
 
@@ -256,12 +279,17 @@ class Node:
             VolumeRequest(name, dict(v.volume_attributes), v.read_only)
             for name, v in spec.volumes.items() if isinstance(v, CsiVolume)
         ]  # fmt: skip
+        csi += [
+            VolumeRequest(name, readonly=v.read_only, pv=v.pv)
+            for name, v in spec.volumes.items() if isinstance(v, ClaimVolume)
+        ]  # fmt: skip
         empty_dirs = [name for name, v in spec.volumes.items() if isinstance(v, EmptyDirVolume)]
         self.kubelet.publish_volumes(
             pod, csi, timeout=volume_timeout, retry_final=True, on_published=self._record,
             before={name: partial(self.make_empty_dir, pod, name) for name in empty_dirs},
         )  # fmt: skip
-        paths = {v.name: self.kubelet.target_path(pod, v.name) for v in csi}
+        # A claim's volume is at its PV's name, as kubelet puts it.
+        paths = {v.name: self.kubelet.target_path(pod, v.pv.name if v.pv else v.name) for v in csi}
         paths |= {name: self.empty_dir_path(pod, name) for name in empty_dirs}
         running = RunningPod(
             pod, spec, paths, self.zipapp,
@@ -279,8 +307,10 @@ class Node:
         self._pods.remove(running)
         pod = running.pod
         for name, volume in running.spec.volumes.items():
-            if isinstance(volume, CsiVolume) and (pod, name) in self._published:
-                self.unpublish(pod, name)
+            # A claim's volume was published under its PV's name, as kubelet does.
+            published = volume.pv.name if isinstance(volume, ClaimVolume) else name
+            if isinstance(volume, CsiVolume | ClaimVolume) and (pod, published) in self._published:
+                self.unpublish(pod, published)
             elif isinstance(volume, EmptyDirVolume):
                 shutil.rmtree(self.empty_dir_path(pod, name), ignore_errors=True)
 

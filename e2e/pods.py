@@ -68,7 +68,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e.kubelet import Pod
+from e2e.kubelet import PersistentVolume, Pod
 from e2e.sandbox import (
     HOST_TO_CONTAINER,
     NOBODY,
@@ -161,10 +161,21 @@ class EmptyDirVolume:
 
 
 @dataclass(frozen=True)
+class ClaimVolume:
+    """volumes[].persistentVolumeClaim, with the driver's PV that the claim is bound to."""
+
+    pv: PersistentVolume
+    read_only: bool = False
+
+
+PodVolume = CsiVolume | EmptyDirVolume | ClaimVolume
+
+
+@dataclass(frozen=True)
 class PodSpec:
     containers: Sequence[ContainerSpec]
     init_containers: Sequence[ContainerSpec] = ()
-    volumes: Mapping[str, CsiVolume | EmptyDirVolume] = field(default_factory=dict)
+    volumes: Mapping[str, PodVolume] = field(default_factory=dict)
     restart_policy: str = ALWAYS
     termination_grace_period_seconds: float = 30.0
 
@@ -201,7 +212,7 @@ class FuseVolumeSpec:
 
     name: str
     mode: str
-    volumes: Mapping[str, CsiVolume | EmptyDirVolume]
+    volumes: Mapping[str, PodVolume]
     # What the FUSE container mounts besides the volume itself, and its env.
     socket_mounts: Sequence[VolumeMount]
     env: Mapping[str, str]
@@ -248,6 +259,20 @@ def fuse_volume_spec(
             {META_FUSE_SOCKET_ENV: f"{META_FUSE_SOCKET_DIR}/{META_FUSE_SOCKET_NAME}"},
         )  # fmt: skip
     raise ValueError(f"unknown mode {mode!r}")
+
+
+def fuse_claim_volume_spec(
+    name: str, pv: PersistentVolume, *, read_only: bool = False
+) -> FuseVolumeSpec:
+    """A FUSE volume from a claim bound to `pv`, native mode: the socket volume
+    "<name>-broker" names it by the PV's name, as the driver knows it."""
+    broker = f"{name}-broker"
+    return FuseVolumeSpec(
+        name, "native",
+        {name: ClaimVolume(pv, read_only),
+         broker: CsiVolume({"socketFor": pv.name}, read_only=True)},
+        [VolumeMount(broker, NATIVE_SOCKET_DIR)], {},
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ status
@@ -688,7 +713,7 @@ class RunningPod:
         mounts = []
         for vm in spec.volume_mounts:
             volume = self.spec.volumes.get(vm.name)
-            must_ro = isinstance(volume, CsiVolume) and volume.read_only
+            must_ro = isinstance(volume, CsiVolume | ClaimVolume) and volume.read_only
             mounts.append(
                 Mount(vm.mount_path, self.volume_paths[vm.name], vm.read_only or must_ro,
                       vm.mount_propagation or "None")

@@ -15,13 +15,18 @@
    - the driver deployment's invariants (CSIDriver fields the driver relies
      on, hostPID, Bidirectional kubelet dir, registrar paths);
    - Pod Security "restricted" for every example pod;
-   - the FUSE sidecar pattern: the container that reaches a volume's broker
-     socket is a native sidecar (initContainers, restartPolicy: Always) with
-     a startupProbe (a `fusermount3 --wait` one must wait on the volume's
-     mountPath, within the probe's timeoutSeconds), finds the socket where
-     the fusermount3 zipapp looks, and every container that reads a FUSE
-     volume uses HostToContainer propagation and starts after the sidecar
-     that mounts it;
+   - every PersistentVolume of the driver (Filesystem mode, a volumeHandle
+     within the CSI spec's 128 bytes, an access mode kubelet maps, Retain
+     since nothing provisions or deletes them) and the claims bound to it;
+   - the FUSE sidecar pattern (a PVC-backed volume of the driver counts as
+     a FUSE volume, named by its PV's name in socketFor): the container
+     that reaches a volume's broker socket is a native sidecar
+     (initContainers, restartPolicy: Always) with a startupProbe (a
+     `fusermount3 --wait` one must wait on the volume's mountPath, within
+     the probe's timeoutSeconds), finds the socket where the fusermount3
+     zipapp looks, and every container that reads a FUSE volume uses
+     HostToContainer propagation and starts after the sidecar that mounts
+     it;
    - in the examples, no container's PID 1 is a `sleep` that ignores SIGTERM
      (which makes every pod delete wait out its grace period).
 
@@ -103,6 +108,10 @@ ALLOWED_SELINUX_TYPES = {
     "container_engine_t",
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# The PV access modes kubelet maps to a CSI access mode (asCSIAccessModeV1).
+PV_ACCESS_MODES = {"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"}
+# The CSI spec's size limit for a volume id, in bytes.
+MAX_VOLUME_HANDLE = 128
 
 Obj = dict[str, Any]
 
@@ -382,18 +391,34 @@ def _selinux_problems(where: str, sc: Obj) -> list[str]:
     return problems
 
 
-def fuse_pattern_problems(pod: Obj) -> list[str]:
-    """The FUSE sidecar pattern of docs/design.md, for the csi-async volumes of one pod."""
+def fuse_pattern_problems(pod: Obj, claims: dict[str, Obj] | None = None) -> list[str]:
+    """The FUSE sidecar pattern of docs/design.md, for the csi-async volumes of one pod.
+
+    claims: the driver's PVs by the name of the claim (in the pod's
+    namespace) bound to each; a volume of such a claim is a FUSE volume too.
+    """
     problems: list[str] = []
+    claims = claims or {}
     volumes = {v.get("name"): v for v in pod.get("volumes") or []}
     ours = {
         name: volume["csi"]
         for name, volume in volumes.items()
         if (volume.get("csi") or {}).get("driver") == DRIVER_NAME
     }
+    # What the driver knows a volume by (what socketFor names): the pod's
+    # volume name for an inline volume, the PV's name for a PVC-backed one.
+    spec_names = {name: name for name in ours}
+    pv_backed: dict[str, str] = {}
+    for name, volume in volumes.items():
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        pv = claims.get(str(claim)) if claim is not None else None
+        if pv is not None:
+            ours[name] = pv["spec"]["csi"]
+            spec_names[name] = pv_backed[name] = str(pv["metadata"]["name"])
     if not ours:
         return problems
     fuse_volumes = {n for n, csi in ours.items() if "socketFor" not in _attributes(csi)}
+    fuse_by_spec_name = {spec_names[n]: n for n in fuse_volumes}
     # Which FUSE volume each broker-socket path serves: volume name -> (FUSE
     # volume, socket file name, "native" or "meta-fuse").
     socket_volumes: dict[str, tuple[str, str, str]] = {}
@@ -401,14 +426,20 @@ def fuse_pattern_problems(pod: Obj) -> list[str]:
         attrs = _attributes(csi)
         if "socketFor" in attrs:
             target = attrs["socketFor"]
-            if target not in fuse_volumes:
+            if target in pv_backed:
+                problems.append(
+                    f"volume {name!r}: socketFor {target!r} names the pod's volume; the driver "
+                    f"knows a PV-backed volume by its PV's name: socketFor: {pv_backed[target]}"
+                )
+            elif target not in fuse_by_spec_name:
                 problems.append(
                     f"volume {name!r}: socketFor {target!r} is not a {DRIVER_NAME} FUSE volume "
                     "of this pod"
                 )
             if csi.get("readOnly") is not True:
                 problems.append(f"volume {name!r}: a broker socket volume must be readOnly: true")
-            socket_volumes[name] = (target, NATIVE_SOCKET_NAME, "native")
+            socket_volumes[name] = (fuse_by_spec_name.get(target, target), NATIVE_SOCKET_NAME,
+                                    "native")  # fmt: skip
         elif "fdPassingEmptyDirName" in attrs:
             empty_dir = attrs["fdPassingEmptyDirName"]
             if "emptyDir" not in volumes.get(empty_dir, {}):
@@ -701,6 +732,78 @@ def _short(durations: list[str]) -> bool:
     return total <= TRAP_LATENCY
 
 
+# --------------------------------------------------------------------------- PersistentVolumes
+
+
+def persistent_volume_problems(
+    root: Path, sources: list[Source]
+) -> tuple[list[str], dict[str, dict[str, Obj]]]:
+    """Problems of the driver's PVs and their claims; and the PVs by namespace and claim name."""
+    problems: list[str] = []
+    pvs: dict[str, Obj] = {}
+    for source in sources:
+        obj = source.obj
+        if obj.get("kind") != "PersistentVolume":
+            continue
+        spec = obj.get("spec") or {}
+        if (spec.get("csi") or {}).get("driver") != DRIVER_NAME:
+            continue
+        name = str(obj["metadata"].get("name"))
+        pvs[name] = obj
+        where = source.where(root)
+        csi = spec["csi"]
+        handle = str(csi.get("volumeHandle", ""))
+        if not handle or len(handle.encode()) > MAX_VOLUME_HANDLE:
+            problems.append(f"{where}: spec.csi.volumeHandle must be 1 to 128 bytes")
+        if spec.get("volumeMode", "Filesystem") != "Filesystem":
+            problems.append(
+                f"{where}: spec.volumeMode must be Filesystem (FUSE is no block device)"
+            )
+        modes = spec.get("accessModes") or []
+        if not modes or modes[0] not in PV_ACCESS_MODES:
+            problems.append(
+                f"{where}: spec.accessModes[0] (the one kubelet sends) must be one of "
+                f"{sorted(PV_ACCESS_MODES)}"
+            )
+        if spec.get("persistentVolumeReclaimPolicy", "Retain") != "Retain":
+            problems.append(
+                f"{where}: persistentVolumeReclaimPolicy must be Retain (nothing provisions "
+                "or deletes the driver's PVs)"
+            )
+        if csi.get("fsType", "") not in ("", "fuse"):
+            problems.append(f"{where}: spec.csi.fsType must be empty")
+    claims: dict[str, dict[str, Obj]] = {}
+    for source in sources:
+        obj = source.obj
+        if obj.get("kind") != "PersistentVolumeClaim":
+            continue
+        spec = obj.get("spec") or {}
+        pv = pvs.get(str(spec.get("volumeName")))
+        if pv is None:
+            continue
+        namespace = str(obj["metadata"].get("namespace", "default"))
+        name = str(obj["metadata"].get("name"))
+        where = source.where(root)
+        claims.setdefault(namespace, {})[name] = pv
+        pv_spec = pv["spec"]
+        if spec.get("storageClassName") != pv_spec.get("storageClassName", ""):
+            wanted = pv_spec.get("storageClassName", "")
+            problems.append(
+                f"{where}: storageClassName must be the PV's ({wanted!r}), "
+                "or a default StorageClass takes the claim"
+            )
+        missing = set(spec.get("accessModes") or []) - set(pv_spec.get("accessModes") or [])
+        if missing:
+            problems.append(f"{where}: access modes {sorted(missing)} are not the PV's")
+        ref = pv_spec.get("claimRef")
+        if ref is not None and (ref.get("name"), ref.get("namespace", "default")) != (
+            name,
+            namespace,
+        ):
+            problems.append(f"{where}: its PV is reserved for another claim (spec.claimRef)")
+    return problems, claims
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -719,11 +822,14 @@ def driver_problems(sources: list[Source]) -> list[str]:
         expected = {
             "attachRequired": False,
             "podInfoOnMount": True,
-            "volumeLifecycleModes": ["Ephemeral"],
+            "volumeLifecycleModes": ["Ephemeral", "Persistent"],
             "fsGroupPolicy": "None",
         }
         for field, value in expected.items():
-            if spec.get(field) != value:
+            found = spec.get(field)
+            if field == "volumeLifecycleModes" and isinstance(found, list):
+                found = sorted(found)  # a set to the API server
+            if found != value:
                 shown = json.dumps(value)
                 problems.append(f"CSIDriver {DRIVER_NAME}: spec.{field} must be {shown}")
 
@@ -835,11 +941,15 @@ def validate(root: Path, version: str = KUBERNETES_VERSION) -> tuple[list[str], 
         problems += [f"{source.where(root)}: {p}" for p in schema_problems(source.obj, version)]
     for where, sources in deployments.items():
         problems += [f"{where}: {p}" for p in driver_problems(sources)]
+    pv_problems, claims = persistent_volume_problems(root, examples)
+    problems += pv_problems
     for source in examples:
         pod = pod_spec_of(source.obj)
         if pod is None:
             continue
-        found = restricted_problems(pod) + fuse_pattern_problems(pod) + sigterm_problems(pod)
+        namespace = str((source.obj.get("metadata") or {}).get("namespace", "default"))
+        found = restricted_problems(pod) + sigterm_problems(pod)
+        found += fuse_pattern_problems(pod, claims.get(namespace, {}))
         problems += [f"{source.where(root)}: {p}" for p in found]
     return problems, len(checked)
 

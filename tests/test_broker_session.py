@@ -183,6 +183,7 @@ class Node:
             volume_name=name,
             volume_id=ephemeral_volume_id(pod_uid, name),
             read_only=False,
+            persistent=False,
             options=(),
         )
         directory = self.socket_root / str(len(self.volumes))

@@ -180,12 +180,30 @@ def test_pod_uid_in_context_must_match_the_target(
     assert err.code() == INVALID
 
 
-def test_non_ephemeral_volumes_are_invalid(driver: DriverProcess, kubelet_root: Path) -> None:
+def test_an_inline_volume_posing_as_a_pv_is_invalid(
+    driver: DriverProcess, kubelet_root: Path
+) -> None:
+    # kubelet's own hash for an inline volume at this path, with a context
+    # saying PV: refused, or inline attributes would get a PV's options.
     request = publish_request(kubelet_root)
     request.volume_context["csi.storage.k8s.io/ephemeral"] = "false"
     err = rpc_error(lambda: driver.client.node_publish(request))
     assert err.code() == INVALID
-    assert "ephemeral" in err.details()
+    assert "inline volume" in err.details()
+
+
+@pytest.mark.parametrize("value", [None, "", "yes"])
+def test_a_volume_of_unknown_kind_is_invalid(
+    driver: DriverProcess, kubelet_root: Path, value: str | None
+) -> None:
+    request = publish_request(kubelet_root)
+    if value is None:
+        del request.volume_context["csi.storage.k8s.io/ephemeral"]
+    else:
+        request.volume_context["csi.storage.k8s.io/ephemeral"] = value
+    err = rpc_error(lambda: driver.client.node_publish(request))
+    assert err.code() == INVALID
+    assert "csi.storage.k8s.io/ephemeral" in err.details()
 
 
 @pytest.mark.parametrize(

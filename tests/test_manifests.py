@@ -158,8 +158,8 @@ def _no_pod_info(docs: list[Doc]) -> None:
     docs[0]["spec"]["podInfoOnMount"] = False
 
 
-def _persistent_mode(docs: list[Doc]) -> None:
-    docs[0]["spec"]["volumeLifecycleModes"] = ["Persistent", "Ephemeral"]
+def _no_persistent_mode(docs: list[Doc]) -> None:
+    docs[0]["spec"]["volumeLifecycleModes"] = ["Ephemeral"]
 
 
 def _no_host_pid(docs: list[Doc]) -> None:
@@ -305,6 +305,46 @@ def _meta_fuse_empty_dir_missing(docs: list[Doc]) -> None:
     spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "fuse-fd-passing"]
 
 
+def _kind(docs: list[Doc], kind: str, name: str) -> Doc:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _socket_for_names_the_pod_volume(docs: list[Doc]) -> None:
+    spec = _kind(docs, "Deployment", "sshfs-pv-writer")["spec"]["template"]["spec"]
+    broker = next(v for v in spec["volumes"] if v["name"] == "fuse-broker")
+    broker["csi"]["volumeAttributes"]["socketFor"] = "data"
+
+
+def _pv_reclaimed_by_delete(docs: list[Doc]) -> None:
+    _kind(docs, "PersistentVolume", "sshfs-export")["spec"]["persistentVolumeReclaimPolicy"] = (
+        "Delete"
+    )
+
+
+def _pv_in_block_mode(docs: list[Doc]) -> None:
+    _kind(docs, "PersistentVolume", "sshfs-export-ro")["spec"]["volumeMode"] = "Block"
+
+
+def _pv_handle_too_long(docs: list[Doc]) -> None:
+    _kind(docs, "PersistentVolume", "sshfs-export")["spec"]["csi"]["volumeHandle"] = "é" * 65
+
+
+def _claim_takes_the_default_class(docs: list[Doc]) -> None:
+    del _kind(docs, "PersistentVolumeClaim", "sshfs-export")["spec"]["storageClassName"]
+
+
+def _claim_wants_more_than_the_pv(docs: list[Doc]) -> None:
+    claim = _kind(docs, "PersistentVolumeClaim", "sshfs-export-ro")
+    claim["spec"]["accessModes"] = ["ReadWriteMany"]
+
+
+def _pv_reader_without_a_sidecar(docs: list[Doc]) -> None:
+    spec = _kind(docs, "Pod", "sshfs-pv-reader")["spec"]
+    spec["initContainers"][0]["volumeMounts"] = [
+        m for m in spec["initContainers"][0]["volumeMounts"] if m["name"] != "fuse-broker"
+    ]
+
+
 BROKEN: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
     "unknown field": (
         "manifests/daemonset.yaml", _unknown_field, "'hostPIDs' was unexpected"),
@@ -312,10 +352,27 @@ BROKEN: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
         "manifests/csidriver.yaml", _wrong_type, "spec.podInfoOnMount: 'yes' is not of type"),
     "podInfoOnMount off": (
         "manifests/csidriver.yaml", _no_pod_info, "spec.podInfoOnMount must be true"),
-    "persistent volumes": (
-        "manifests/csidriver.yaml", _persistent_mode, "spec.volumeLifecycleModes must be"),
+    "no persistent volumes": (
+        "manifests/csidriver.yaml", _no_persistent_mode, "spec.volumeLifecycleModes must be"),
     "no hostPID": (
         "manifests/daemonset.yaml", _no_host_pid, "hostPID must be true"),
+    "socketFor names a PVC volume": (
+        "examples/sshfs-pv/writers.yaml", _socket_for_names_the_pod_volume,
+        "socketFor: sshfs-export"),
+    "PV reclaimed by Delete": (
+        "examples/sshfs-pv/volumes.yaml", _pv_reclaimed_by_delete, "must be Retain"),
+    "PV in Block mode": (
+        "examples/sshfs-pv/volumes.yaml", _pv_in_block_mode, "must be Filesystem"),
+    "PV handle over 128 bytes": (
+        "examples/sshfs-pv/volumes.yaml", _pv_handle_too_long, "1 to 128 bytes"),
+    "claim without the PV's class": (
+        "examples/sshfs-pv/volumes.yaml", _claim_takes_the_default_class,
+        "storageClassName must be the PV's"),
+    "claim wants more than its PV": (
+        "examples/sshfs-pv/volumes.yaml", _claim_wants_more_than_the_pv, "are not the PV's"),
+    "PV-backed volume nobody mounts": (
+        "examples/sshfs-pv/reader.yaml", _pv_reader_without_a_sidecar,
+        "no container mounts its broker socket"),
     "no Bidirectional": (
         "manifests/daemonset.yaml", _no_bidirectional, "mountPropagation: Bidirectional"),
     "state dir in the pod": (
@@ -628,6 +685,11 @@ def test_the_docs_install_the_zipapp_under_every_helper_name() -> None:
 # --------------------------------------------------------------------------- examples as shipped
 
 EXAMPLE_IMAGE = re.compile(r"ghcr\.io/csi-async/example-([a-z0-9-]+):")
+# Every example: a directory with a pod.yaml, or a kustomization of its own.
+EXAMPLE_DIRS = sorted(
+    {p.parent for p in (REPO / "examples").glob("*/pod.yaml")}
+    | {p.parent for p in (REPO / "examples").glob("*/kustomization.yaml")}
+)
 
 
 def example_pods() -> list[tuple[Path, Doc]]:
@@ -646,12 +708,15 @@ def all_containers(spec: Doc) -> list[Doc]:
 
 def fuse_sidecars(spec: Doc) -> list[tuple[Doc, str]]:
     """(container, where it mounts the FUSE volume) for each FUSE sidecar of a pod."""
+    volumes = spec.get("volumes", [])
+    ours = [v for v in volumes if (v.get("csi") or {}).get("driver") == vm.DRIVER_NAME]
     fuse_volumes = {
-        v["name"]
-        for v in spec.get("volumes", [])
-        if (v.get("csi") or {}).get("driver") == vm.DRIVER_NAME
-        and "socketFor" not in (v["csi"].get("volumeAttributes") or {})
+        v["name"] for v in ours if "socketFor" not in (v["csi"].get("volumeAttributes") or {})
     }
+    # A pod with a socket volume of the driver serves its claims' volumes
+    # (the examples' PVCs are all bound to the driver's PVs).
+    if len(fuse_volumes) < len(ours):
+        fuse_volumes |= {v["name"] for v in volumes if "persistentVolumeClaim" in v}
     return [
         (c, m["mountPath"])
         for c in spec.get("initContainers", [])
@@ -663,7 +728,8 @@ def fuse_sidecars(spec: Doc) -> list[tuple[Doc, str]]:
 
 def test_every_fuse_sidecar_waits_for_its_mount_with_fusermount3_wait() -> None:
     sidecars = [(path, c, at) for path, spec in example_pods() for c, at in fuse_sidecars(spec)]
-    assert len(sidecars) == len(list((REPO / "examples").glob("*/pod.yaml")))
+    assert {path.parent for path, _, _ in sidecars} == set(EXAMPLE_DIRS)
+    assert len(sidecars) >= len(EXAMPLE_DIRS)
     for path, c, mount_path in sidecars:
         probe = c["startupProbe"]
         where = f"{path.relative_to(REPO)}: {c['name']}"
@@ -743,8 +809,9 @@ KEEP_ALIVE_COMMANDS = [
 
 
 def test_every_keep_alive_command_is_run_here() -> None:
-    # One consumer per example keeps its container up with a sleep.
-    assert len(KEEP_ALIVE_COMMANDS) == len(list((REPO / "examples").glob("*/pod.yaml")))
+    # Every example has a consumer that keeps its container up with a sleep.
+    found = {REPO / where.partition(":")[0] for where, _ in KEEP_ALIVE_COMMANDS}
+    assert {path.parent for path in found} == set(EXAMPLE_DIRS)
 
 
 @pytest.mark.parametrize(

@@ -11,21 +11,26 @@ from hypothesis import strategies as st
 from csi_async.mount import syscalls as sc
 from csi_async.mount.fuse import FuseMountSpec
 from csi_async.policy.node import NodePolicy
-from csi_async.policy.options import OptionRefused, plan_mount
+from csi_async.policy.options import OptionRefused, check_options, plan_mount
 from fusermount3_proxy.protocol import split_options
 
 
 def plan(
-    program: str = "", volume: str = "", read_only: bool = False, **policy: bool
+    program: str = "",
+    volume: str = "",
+    read_only: bool = False,
+    persistent: bool = False,
+    allow_other: bool = True,
 ) -> FuseMountSpec:
     return plan_mount(
         volume_options=split_options(volume),
         program_options=split_options(program),
         volume_read_only=read_only,
+        persistent=persistent,
         user_id=1000,
         group_id=1000,
         default_source="data",
-        policy=NodePolicy(**policy),
+        policy=NodePolicy(allow_other=allow_other),
     )
 
 
@@ -107,12 +112,54 @@ def test_allow_other_follows_the_node_policy() -> None:
         plan("allow_other", allow_other=False)
 
 
+def test_a_persistent_volume_may_grant_allow_other_where_pods_may_not() -> None:
+    # The node refuses allow_other from pods: an inline volume's mountOptions
+    # and the program's -o alike.
+    for volume, program in (("allow_other", ""), ("", "allow_other")):
+        with pytest.raises(OptionRefused) as info:
+            plan(program, volume, allow_other=False)
+        assert info.value.errno == errno.EPERM
+    with pytest.raises(OptionRefused):
+        check_options(["allow_other"], NodePolicy(allow_other=False), administrator=False)
+    # The administrator's PV may ask for it; the program may then repeat it.
+    spec = plan(program="allow_other", volume="allow_other", persistent=True, allow_other=False)
+    assert spec.flags[:2] == ("allow_other", "default_permissions")
+    check_options(["allow_other"], NodePolicy(allow_other=False), administrator=True)
+    # Unless the operator took it off the persistent-only list too.
+    with pytest.raises(OptionRefused):
+        plan_mount(
+            volume_options=["allow_other"], program_options=[], volume_read_only=False,
+            persistent=True, user_id=1, group_id=1, default_source="d",
+            policy=NodePolicy(allow_other=False, persistent_volume_options=frozenset()),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["suid", "dev", "allow_root", "blkdev", "bogus"])
+def test_a_persistent_volume_cannot_use_what_is_refused_everywhere(option: str) -> None:
+    with pytest.raises(OptionRefused):
+        plan(volume=option, persistent=True)
+
+
+def test_a_persistent_volume_s_options_win_over_the_program_s() -> None:
+    # Inline, one author wrote both: the program refines the volume.
+    assert plan(program="exec", volume="noexec").mount_attrs & sc.MOUNT_ATTR_NOEXEC == 0
+    # A PV's options are the administrator's: the pod's program cannot undo them.
+    pv = plan(program="exec,rw,fsname=mine", volume="noexec,ro,fsname=admin", persistent=True)
+    assert pv.mount_attrs & sc.MOUNT_ATTR_NOEXEC
+    assert pv.read_only
+    assert pv.source == "admin"
+    # What the PV leaves unset stays the program's to choose.
+    assert plan(program="nosymfollow", volume="noexec", persistent=True).mount_attrs & (
+        sc.MOUNT_ATTR_NOSYMFOLLOW
+    )
+
+
 @given(st.lists(st.text(max_size=40), max_size=12))
 def test_no_option_list_can_reach_a_reserved_key(tokens: list[str]) -> None:
     try:
         spec = plan_mount(
             volume_options=[], program_options=tokens, volume_read_only=False,
-            user_id=5, group_id=6, default_source="d", policy=NodePolicy(),
+            persistent=False, user_id=5, group_id=6, default_source="d", policy=NodePolicy(),
         )  # fmt: skip
     except OptionRefused:
         return

@@ -99,7 +99,7 @@ async def manager(kubelet_root: Path, state_dir: Path) -> AsyncIterator[VolumeMa
         finally:
             with anyio.CancelScope(shield=True):
                 for published in volumes.published().values():
-                    await volumes.unpublish(published.spec.target)
+                    await volumes.unpublish(published.spec.target, published.spec.volume_id)
                 await volumes.close()
             tg.cancel_scope.cancel()
 
@@ -194,7 +194,7 @@ async def test_a_publish_whose_record_cannot_be_saved_leaves_nothing_and_can_be_
         assert records_on_disk(state_dir) == [spec.target.absolute]
         # A repeated publish with the same arguments is idempotent.
         await volumes.publish(spec, record)
-        await volumes.unpublish(spec.target)
+        await volumes.unpublish(spec.target, spec.volume_id)
         assert not target.exists()
         assert not (state_dir / "sockets" / pod).exists()
         assert records_on_disk(state_dir) == []
@@ -305,7 +305,7 @@ async def test_restore_skips_every_volume_it_cannot_set_up_and_never_raises(
         # Skipped, not dropped: their records stay for kubelet's unpublish.
         assert len(records_on_disk(state_dir)) == 5
         for spec, _ in (vanished, in_use, buggy):
-            await volumes.unpublish(spec.target)
+            await volumes.unpublish(spec.target, spec.volume_id)
         assert records_on_disk(state_dir) == sorted(spec.target.absolute for spec, _ in good)
 
 
@@ -382,7 +382,7 @@ async def test_a_socket_for_volume_of_a_meta_fuse_volume_leaves_no_socket_dir(
         assert (state_dir / "sockets" / pod / "data").is_dir()
         order = [socket_spec, fuse_spec] if socket_volume_first else [fuse_spec, socket_spec]
         for spec in order:
-            await volumes.unpublish(spec.target)
+            await volumes.unpublish(spec.target, spec.volume_id)
         assert volumes.published() == {}
     assert not (state_dir / "sockets" / pod).exists(), os.listdir(state_dir / "sockets" / pod)
     assert not (empty_dir / META_SOCKET).exists()
@@ -408,9 +408,9 @@ async def test_a_native_pair_shares_its_socket_dir_until_both_are_gone(
         await volumes.publish(fuse_spec, fuse_record)
         seen_by_pod = Path(socket_spec.target.absolute) / "fuse.sock"
         assert is_socket(seen_by_pod)
-        await volumes.unpublish(socket_spec.target)
+        await volumes.unpublish(socket_spec.target, socket_spec.volume_id)
         assert is_socket(native_socket(state_dir, pod)), "removed while its FUSE volume lives"
-        await volumes.unpublish(fuse_spec.target)
+        await volumes.unpublish(fuse_spec.target, fuse_spec.volume_id)
     assert not (state_dir / "sockets" / pod).exists()
 
 
@@ -452,10 +452,10 @@ async def test_unused_native_socket_dirs_leave_at_once_and_are_removed_in_the_ba
         for spec, record in [*pair, other]:
             await volumes.publish(spec, record)
         for spec, _ in pair:
-            await volumes.unpublish(spec.target)
+            await volumes.unpublish(spec.target, spec.volume_id)
         assert not (state_dir / "sockets" / pod / "data").exists()
         assert is_socket(native_socket(state_dir, pod, "more")), "another volume's dir was moved"
-        await volumes.unpublish(other[0].target)
+        await volumes.unpublish(other[0].target, other[0].volume_id)
         assert not (state_dir / "sockets" / pod).exists()
         assert records_on_disk(state_dir) == []
         await _trash_emptied(state_dir)
@@ -516,5 +516,5 @@ async def test_publish_and_unpublish_read_no_mountinfo_on_the_common_path(
         for spec, record in specs:
             await volumes.publish(spec, record)
         for spec, _ in specs:
-            await volumes.unpublish(spec.target)
+            await volumes.unpublish(spec.target, spec.volume_id)
             assert not Path(spec.target.absolute).exists()

@@ -187,6 +187,7 @@ class MountLifecycle:
                 volume_options=list(self.target.options),
                 program_options=request["options"],
                 volume_read_only=self.target.read_only,
+                persistent=self.target.persistent,
                 user_id=peer.uid,
                 group_id=peer.gid,
                 default_source=self.target.volume_name,

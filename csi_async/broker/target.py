@@ -19,6 +19,8 @@ class VolumeTarget:
     volume_name: str
     volume_id: str
     read_only: bool
+    # From a PersistentVolume: its options are an administrator's (policy/options.py).
+    persistent: bool
     options: tuple[str, ...]
 
     @property

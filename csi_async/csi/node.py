@@ -14,7 +14,7 @@ from csi_async.csi.requests import validate_publish, validate_unpublish
 from csi_async.csi.rpc import rpc
 from csi_async.kubelet.errors import InvalidRequest
 from csi_async.policy.node import NodePolicy
-from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict
+from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict, WrongVolume
 from csi_async.volumes.registry import VolumeManager
 from csi_async.volumes.state import VolumeRecord
 
@@ -63,8 +63,8 @@ class NodeService(csi.NodeBase):
             target = validate_unpublish(message, self._volumes.kubelet_root)
             # Unknown or already-removed targets are fine: kubelet retries any
             # error here forever and the pod would hang in Terminating.
-            await self._volumes.unpublish(target)
-        except InvalidRequest as err:
+            await self._volumes.unpublish(target, message.volume_id)
+        except (InvalidRequest, WrongVolume) as err:
             raise GRPCError(Status.INVALID_ARGUMENT, str(err)) from None
         except VolumeBusy as err:
             raise GRPCError(Status.ABORTED, str(err)) from None

@@ -17,43 +17,62 @@ from csi_async.kubelet.errors import InvalidRequest
 from csi_async.kubelet.target_path import TargetPath, parse_target_path
 from csi_async.kubelet.volume_context import (
     VolumeAttributes,
-    check_inline_volume,
-    ephemeral_volume_id,
     parse_volume_context,
     without_tokens,
 )
+from csi_async.kubelet.volume_kind import VolumeKind, volume_kind
 from csi_async.policy.node import NodePolicy
 from csi_async.policy.options import OptionRefused, volume_options
 from csi_async.volumes.spec import PublishSpec
 from csi_async.volumes.state import VolumeRecord
 
-_ALLOWED_MODES = {
-    csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_WRITER,
-    csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_READER_ONLY,
-    csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_SINGLE_WRITER,
-    csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_MULTI_WRITER,
+_Mode = csi.VolumeCapabilityAccessModeMode
+# What kubelet sends for an inline volume (always ReadWriteOnce) and for a
+# PV's first access mode (docs/design.md says what each means here). Every
+# pod's FUSE program serves its own mount, so many nodes are no harder than one.
+_SINGLE_NODE_MODES = {
+    _Mode.SINGLE_NODE_WRITER,
+    _Mode.SINGLE_NODE_READER_ONLY,
+    _Mode.SINGLE_NODE_SINGLE_WRITER,
+    _Mode.SINGLE_NODE_MULTI_WRITER,
 }
-_READ_ONLY_MODES = {csi.VolumeCapabilityAccessModeMode.SINGLE_NODE_READER_ONLY}
+_MULTI_NODE_MODES = {
+    _Mode.MULTI_NODE_READER_ONLY,
+    _Mode.MULTI_NODE_SINGLE_WRITER,
+    _Mode.MULTI_NODE_MULTI_WRITER,
+}
+_ALLOWED_MODES: dict[VolumeKind, set[_Mode]] = {
+    "inline": _SINGLE_NODE_MODES,
+    "persistent": _SINGLE_NODE_MODES | _MULTI_NODE_MODES,
+}
+_READ_ONLY_MODES = {_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY}
 
+# The CSI spec's size limit for an id, in bytes.
 MAX_VOLUME_ID = 128
 
 
 def _mount_options(
-    attrs: VolumeAttributes, mount_flags: list[str], policy: NodePolicy
+    attrs: VolumeAttributes, mount_flags: list[str], policy: NodePolicy, origin: VolumeKind
 ) -> list[str]:
     try:
-        return volume_options(attrs.mount_options or "", mount_flags, policy)
+        return volume_options(
+            attrs.mount_options or "", mount_flags, policy, administrator=origin == "persistent"
+        )
     except OptionRefused as err:
         raise InvalidRequest(f"mountOptions: {err.message}") from None
+
+
+def _check_volume_id(volume_id: str) -> None:
+    if not volume_id:
+        raise InvalidRequest("volume_id is required")
+    if len(volume_id.encode()) > MAX_VOLUME_ID:
+        raise InvalidRequest(f"volume_id is longer than {MAX_VOLUME_ID} bytes")
 
 
 def validate_publish(
     request: csi.NodePublishVolumeRequest, kubelet_root: str, policy: NodePolicy
 ) -> PublishSpec:
-    if not request.volume_id:
-        raise InvalidRequest("volume_id is required")
-    if len(request.volume_id) > MAX_VOLUME_ID:
-        raise InvalidRequest(f"volume_id is longer than {MAX_VOLUME_ID} characters")
+    _check_volume_id(request.volume_id)
     if not request.target_path:
         raise InvalidRequest("target_path is required")
     capability = request.volume_capability
@@ -70,17 +89,21 @@ def validate_publish(
     if capability.access_mode is None:
         raise InvalidRequest("volume_capability.access_mode is required")
     mode = capability.access_mode.mode
-    if mode not in _ALLOWED_MODES:
-        raise InvalidRequest(f"access mode {mode!r} is not supported (single-node modes only)")
     if request.staging_target_path:
         raise InvalidRequest("staging_target_path must be empty (NodeStageVolume is not supported)")
 
     target = parse_target_path(kubelet_root, request.target_path)
     context = dict(request.volume_context)
     attrs = parse_volume_context(context)
-    check_inline_volume(request.volume_id, target, attrs)
+    # Inline or a PV: what the volume may do depends on who wrote it.
+    origin = volume_kind(request.volume_id, target, attrs)
+    if mode not in _ALLOWED_MODES[origin]:
+        allowed = "single-node modes only" if origin == "inline" else "single- and multi-node modes"
+        raise InvalidRequest(
+            f"access mode {mode!r} is not supported for {origin} volumes ({allowed})"
+        )
 
-    options = _mount_options(attrs, list(capability.mount.mount_flags), policy)
+    options = _mount_options(attrs, list(capability.mount.mount_flags), policy, origin)
     read_only = request.readonly or mode in _READ_ONLY_MODES
     fingerprint = repr(
         (
@@ -100,19 +123,19 @@ def validate_publish(
         attributes=attrs,
         mount_options=tuple(options),
         kind="socket" if attrs.socket_for is not None else "fuse",
+        persistent=origin == "persistent",
         fingerprint=fingerprint,
     )
 
 
 def validate_unpublish(request: csi.NodeUnpublishVolumeRequest, kubelet_root: str) -> TargetPath:
-    if not request.volume_id:
-        raise InvalidRequest("volume_id is required")
+    """The target to unpublish. kubelet sends the volume_id from vol_data.json, which
+    for a PV is its volumeHandle: whether it is the id published at the target is
+    for the registry to check (VolumeManager.unpublish)."""
+    _check_volume_id(request.volume_id)
     if not request.target_path:
         raise InvalidRequest("target_path is required")
-    target = parse_target_path(kubelet_root, request.target_path)
-    if request.volume_id != ephemeral_volume_id(target.pod_uid, target.volume_name):
-        raise InvalidRequest("volume_id does not belong to target_path")
-    return target
+    return parse_target_path(kubelet_root, request.target_path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,12 @@
 
 Below kubelet's root directory (--root-dir, /var/lib/kubelet):
 
-    pods/<pod uid>/volumes/kubernetes.io~csi/<volume name>/mount    a CSI volume's target path
+    pods/<pod uid>/volumes/kubernetes.io~csi/<spec name>/mount      a CSI volume's target path
     pods/<pod uid>/volumes/kubernetes.io~empty-dir/<volume name>     an emptyDir volume
+
+<spec name> is the pod's volume name for an inline volume and the
+PersistentVolume's name for a PV (kubelet's specVolID, escaped with
+EscapeQualifiedName, which changes nothing in a name the API accepts).
 
 kubelet creates everything down to <volume name> and hands the driver the
 whole target path; the driver creates (and removes) only the last component.
@@ -17,10 +21,15 @@ import re
 POD_UID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 # Pod volume names are DNS labels (RFC 1123), which kubelet does not escape.
 VOLUME_NAME = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+# PersistentVolume names are DNS subdomains: dot-separated labels, at most
+# 253 characters in all (checked apart from the pattern, see MAX_PV_NAME).
+PV_NAME = rf"{VOLUME_NAME}(?:\.{VOLUME_NAME})*"
+MAX_PV_NAME = 253
 
-# A CSI target path relative to the kubelet root, taken apart by name.
+# A CSI target path relative to the kubelet root, taken apart by name. Its
+# name is either kind's: the request's volume context says which it is.
 CSI_TARGET = re.compile(
-    rf"pods/(?P<uid>{POD_UID})/volumes/kubernetes\.io~csi/(?P<name>{VOLUME_NAME})/mount"
+    rf"pods/(?P<uid>{POD_UID})/volumes/kubernetes\.io~csi/(?P<name>{PV_NAME})/mount"
 )
 
 

@@ -22,6 +22,7 @@ class TargetPath:
     absolute: str
     relative: str  # below the kubelet root
     pod_uid: str
+    # kubelet's spec name: the pod's volume name (inline) or the PV's name.
     volume_name: str
 
     @property
@@ -36,7 +37,12 @@ class TargetPath:
 
 
 def parse_target_path(kubelet_root: str, target_path: str) -> TargetPath:
-    """Accept exactly <root>/pods/<uid>/volumes/kubernetes.io~csi/<name>/mount."""
+    """Accept exactly <root>/pods/<uid>/volumes/kubernetes.io~csi/<name>/mount.
+
+    <name> is a DNS label (a pod's volume) or a DNS subdomain (a PV); which
+    of the two the request is, is checked with its volume context
+    (csi_async.kubelet.volume_kind).
+    """
     pattern = rf"^{re.escape(kubelet_root)}/({layout.CSI_TARGET.pattern})$"
     match = re.match(pattern, target_path)
     if match is None:
@@ -44,4 +50,9 @@ def parse_target_path(kubelet_root: str, target_path: str) -> TargetPath:
             f"target_path {target_path!r} is not a kubelet CSI volume path "
             f"({kubelet_root}/{layout.csi_target('<pod uid>', '<volume>')})"
         )
-    return TargetPath(target_path, match.group(1), match.group("uid"), match.group("name"))
+    name = match.group("name")
+    if len(name) > layout.MAX_PV_NAME:
+        raise InvalidRequest(
+            f"target_path names a volume longer than {layout.MAX_PV_NAME} characters"
+        )
+    return TargetPath(target_path, match.group(1), match.group("uid"), name)

@@ -1,10 +1,12 @@
 """The volume context kubelet gives NodePublishVolume, parsed once.
 
-Two kinds of keys arrive in it: the volumeAttributes the pod's author wrote
-(VolumeAttributes), and the pod-info keys kubelet adds for a CSIDriver with
-podInfoOnMount (csi.storage.k8s.io/*). For an inline ephemeral volume kubelet
-also derives the volume id from the pod and the volume's name
-(ephemeral_volume_id), so a request can be checked against its own target.
+Two kinds of keys arrive in it: the volumeAttributes of the volume (written
+by the pod's author for an inline volume, by an administrator in a
+PersistentVolume's spec.csi.volumeAttributes), and the pod-info keys kubelet
+adds for a CSIDriver with podInfoOnMount (csi.storage.k8s.io/*). For an
+inline ephemeral volume kubelet also derives the volume id from the pod and
+the volume's name (ephemeral_volume_id); volume_kind.py checks a request
+against its own target with it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from csi_async import logs
 from csi_async.kubelet import layout
 from csi_async.kubelet.errors import InvalidRequest
-from csi_async.kubelet.target_path import TargetPath
 
 POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
 POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"
@@ -32,6 +33,10 @@ TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
 MAX_CONTEXT_BYTES = 64 * 1024
 
 DNS_LABEL = re.compile(rf"^{layout.VOLUME_NAME}$")
+# What socketFor names: a pod volume (a DNS label) or, for a FUSE volume
+# from a PersistentVolume, the PV's name (a DNS subdomain), both exactly as
+# kubelet puts them in the target path.
+SPEC_NAME = re.compile(rf"^{layout.PV_NAME}$")
 # A file name for meta-fuse's socket: one path component, no hidden tricks.
 # At most 80 characters: the broker binds it as /proc/self/fd/<dirfd>/<name>
 # (the pod's directory is never named by path), and a Unix socket path holds
@@ -40,7 +45,7 @@ _SOCKET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 
 
 class VolumeAttributes(BaseModel):
-    """volumeAttributes a pod may set, plus the pod-info keys kubelet adds.
+    """volumeAttributes a volume may set, plus the pod-info keys kubelet adds.
 
     Unknown keys are refused so that a typo fails loudly instead of
     silently mounting something other than what was meant.
@@ -58,7 +63,10 @@ class VolumeAttributes(BaseModel):
     # Options applied to the FUSE mount (meta-fuse accepts "o=<opt>" items).
     mount_options: Annotated[str | None, Field(alias="mountOptions", max_length=4096)] = None
     # Native mode: this volume is the broker socket directory for that FUSE volume.
-    socket_for: Annotated[str | None, Field(alias="socketFor", pattern=DNS_LABEL.pattern)] = None
+    socket_for: Annotated[
+        str | None,
+        Field(alias="socketFor", pattern=SPEC_NAME.pattern, max_length=layout.MAX_PV_NAME),
+    ] = None
 
     pod_name: Annotated[str | None, Field(alias=POD_NAME_KEY)] = None
     pod_namespace: Annotated[str | None, Field(alias=POD_NAMESPACE_KEY)] = None
@@ -95,24 +103,6 @@ def parse_volume_context(context: Mapping[str, str]) -> VolumeAttributes:
 def ephemeral_volume_id(pod_uid: str, volume_name: str) -> str:
     """The volume handle kubelet derives for an inline volume (makeVolumeHandle)."""
     return "csi-" + hashlib.sha256((pod_uid + volume_name).encode()).hexdigest()
-
-
-def check_inline_volume(volume_id: str, target: TargetPath, attrs: VolumeAttributes) -> None:
-    """The request is kubelet's for an inline volume of the pod its target names."""
-    if attrs.ephemeral != "true":
-        raise InvalidRequest(
-            "only inline ephemeral volumes are supported "
-            f"(volume_context[{EPHEMERAL_KEY!r}] must be 'true'; is podInfoOnMount enabled?)"
-        )
-    expected_id = ephemeral_volume_id(target.pod_uid, target.volume_name)
-    if volume_id != expected_id:
-        raise InvalidRequest(
-            f"volume_id {volume_id!r} does not belong to target_path (expected {expected_id!r})"
-        )
-    if attrs.pod_uid is not None and attrs.pod_uid != target.pod_uid:
-        raise InvalidRequest(f"{POD_UID_KEY} does not match the pod in target_path")
-    if attrs.socket_for is not None and attrs.socket_for == target.volume_name:
-        raise InvalidRequest("socketFor must name another volume of the pod")
 
 
 def without_tokens(context: Mapping[str, str]) -> dict[str, str]:

@@ -7,7 +7,7 @@ options a pod may use) and peer.py (who may use a volume's broker socket).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,3 +19,10 @@ class NodePolicy:
     allow_other: bool = True
     # The connecting process must run in the volume's pod (its cgroup).
     require_pod_cgroup: bool = True
+    # Options this node refuses from pods (inline volumeAttributes, a FUSE
+    # program's -o) that a PersistentVolume's own options may still set: an
+    # administrator wrote those once, for every pod that binds the PV.
+    # allow_other matters only where allow_other above is off.
+    persistent_volume_options: frozenset[str] = field(
+        default_factory=lambda: frozenset({"allow_other"})
+    )

@@ -2,8 +2,11 @@
 
 Policy only. Input is hostile: the -o tokens a FUSE program passed to our
 fusermount3, and the mountOptions volume attribute written by the pod's
-author. Output is a FuseMountSpec that the mechanism (csi_async.mount.fuse)
-applies key by key. Option names follow fusermount3 so that programs keep
+author. A PersistentVolume's options (its mountOptions attribute and
+spec.mountOptions) come from the administrator who wrote the PV instead:
+they may also use NodePolicy.persistent_volume_options, and they win over
+the program's. Output is a FuseMountSpec that the mechanism
+(csi_async.mount.fuse) applies key by key. Option names follow fusermount3 so that programs keep
 working unchanged; see docs/options.md for the table this code implements.
 
 The mount gets what was asked for and, on top, only what safety requires:
@@ -89,6 +92,8 @@ class _Draft:
     read_only: bool = False
     # Asked for by the volume or the program; never added otherwise.
     default_permissions: bool = False
+    # allow_other granted by a PV's options on a node whose policy is off.
+    allow_other: bool = False
     attrs: int = 0
     atime: int | None = None
     sb_flags: dict[str, bool] | None = None
@@ -97,7 +102,8 @@ class _Draft:
     subtype: str | None = None
 
 
-def _apply(token: str, draft: _Draft, policy: NodePolicy) -> None:
+def _apply(token: str, draft: _Draft, policy: NodePolicy, *, administrator: bool) -> None:
+    """Apply one option; administrator: it comes from a PV, not from a pod."""
     key, has_value, value = token.partition("=")
     if not key:
         raise OptionRefused(errno.EINVAL, f"malformed mount option {token!r}")
@@ -135,8 +141,12 @@ def _apply(token: str, draft: _Draft, policy: NodePolicy) -> None:
         # auto_unmount is the helper's job (it stays alive and asks us to unmount).
         return
     elif key == "allow_other":
-        if not policy.allow_other:
-            raise OptionRefused(errno.EPERM, "allow_other is disabled by this node's policy")
+        if policy.allow_other or draft.allow_other:
+            return  # on anyway (the node's policy, or the PV already asked for it)
+        if administrator and key in policy.persistent_volume_options:
+            draft.allow_other = True
+            return
+        raise OptionRefused(errno.EPERM, "allow_other is disabled by this node's policy")
     elif key in _MOUNT_ATTR_OPTIONS:
         bit, on = _MOUNT_ATTR_OPTIONS[key]
         draft.attrs = (draft.attrs | bit) if on else (draft.attrs & ~bit)
@@ -154,25 +164,28 @@ def _apply(token: str, draft: _Draft, policy: NodePolicy) -> None:
         raise OptionRefused(errno.EINVAL, f"unknown mount option {token!r}")
 
 
-def check_options(tokens: list[str], policy: NodePolicy) -> None:
+def check_options(tokens: list[str], policy: NodePolicy, *, administrator: bool) -> None:
     """Validate options without building a mount (used for volume attributes)."""
     draft = _Draft()
     for token in tokens:
-        _apply(token, draft, policy)
+        _apply(token, draft, policy, administrator=administrator)
 
 
-def volume_options(mount_options: str, mount_flags: list[str], policy: NodePolicy) -> list[str]:
-    """The options a volume's pod spec asks for, checked; raises OptionRefused.
+def volume_options(
+    mount_options: str, mount_flags: list[str], policy: NodePolicy, *, administrator: bool
+) -> list[str]:
+    """The options a volume asks for, checked; raises OptionRefused.
 
     mount_options is the mountOptions volume attribute, split exactly as
     fusermount3 splits -o (the same splitter the zipapp uses); mount_flags
-    are the CSI capability's flags, one option each.
+    are the CSI capability's flags (a PV's spec.mountOptions), one option
+    each. administrator: they come from a PersistentVolume, not a pod spec.
     """
     tokens: list[str] = []
     for item in [*split_options(mount_options), *mount_flags]:
         # meta-fuse writes options as "o=noexec"; plain "noexec" works too.
         tokens.append(item.removeprefix("o="))
-    check_options(tokens, policy)
+    check_options(tokens, policy, administrator=administrator)
     return tokens
 
 
@@ -181,6 +194,7 @@ def plan_mount(
     volume_options: list[str],
     program_options: list[str],
     volume_read_only: bool,
+    persistent: bool,
     user_id: int,
     group_id: int,
     default_source: str,
@@ -188,18 +202,27 @@ def plan_mount(
 ) -> FuseMountSpec:
     """Combine the volume's and the program's options into one mount.
 
-    Volume options (from the pod spec) come first and the program's follow,
-    so the program can refine them, except that a read-only volume stays
-    read-only whatever the program says.
+    Volume options come first and the program's follow, so the program can
+    refine them, except that a read-only volume stays read-only whatever the
+    program says. On a PersistentVolume (persistent) the volume's options
+    are the administrator's: they are applied once more after the program's,
+    so each option the PV sets wins (a program's `exec` does not undo the
+    PV's `noexec`), and only they may use the node's persistent-only options.
     """
     draft = _Draft()
-    for token in [*volume_options, *program_options]:
-        _apply(token, draft, policy)
+    for token in volume_options:
+        _apply(token, draft, policy, administrator=persistent)
+    for token in program_options:
+        _apply(token, draft, policy, administrator=False)
+    if persistent:
+        for token in volume_options:
+            _apply(token, draft, policy, administrator=True)
     flags: list[str] = []
-    if policy.allow_other:
-        # The node's decision, not the pod's: consumers in the pod's other
-        # containers usually run as other uids. Who of them may do what is
-        # the daemon's business, unless it asked for default_permissions.
+    if policy.allow_other or draft.allow_other:
+        # The node's decision (or the PV administrator's), not the pod's:
+        # consumers in the pod's other containers usually run as other uids.
+        # Who of them may do what is the daemon's business, unless it asked
+        # for default_permissions.
         flags.append("allow_other")
     if draft.default_permissions:
         flags.append("default_permissions")

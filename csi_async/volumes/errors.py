@@ -13,3 +13,7 @@ class VolumeConflict(Exception):
 
 class PublishFailed(Exception):
     """The node cannot set the volume up right now (FAILED_PRECONDITION)."""
+
+
+class WrongVolume(Exception):
+    """Another volume_id is published at this target (INVALID_ARGUMENT)."""

@@ -38,7 +38,7 @@ from csi_async.mount.mountinfo import MountEntry
 from csi_async.mount.paths import PinnedRoot
 from csi_async.policy.node import NodePolicy
 from csi_async.volumes import targets
-from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict
+from csi_async.volumes.errors import PublishFailed, VolumeBusy, VolumeConflict, WrongVolume
 from csi_async.volumes.socket_dirs import (
     SocketDirs,
     native_dir_owner,
@@ -326,6 +326,7 @@ class VolumeManager:
                 volume_name=spec.target.volume_name,
                 volume_id=spec.volume_id,
                 read_only=spec.read_only,
+                persistent=spec.persistent,
                 options=spec.mount_options,
             ),
             kubelet_root=self._root,
@@ -337,10 +338,17 @@ class VolumeManager:
 
     # ------------------------------------------------------------------ unpublish
 
-    async def unpublish(self, target: TargetPath) -> None:
+    async def unpublish(self, target: TargetPath, volume_id: str) -> None:
+        """Tear down what is published at target, which must be volume_id if anything is.
+
+        An inline volume's id follows from its target, a PV's (its
+        volumeHandle) does not: only the table knows which id a target has.
+        """
         key = target.absolute
         with self._claim(key), anyio.CancelScope(shield=True):
             published = self._volumes.get(key)
+            if published is not None and published.spec.volume_id != volume_id:
+                raise WrongVolume(f"volume_id {volume_id!r} is not the volume published at {key}")
             broker = published.broker if published is not None else None
             if broker is not None:
                 # Requests in progress roll back; our own mount is aborted

@@ -25,6 +25,8 @@ class PublishSpec:
     attributes: VolumeAttributes
     mount_options: tuple[str, ...]
     kind: Literal["fuse", "socket"]
+    # From a PersistentVolume (its options are an administrator's), not inline.
+    persistent: bool
     # What makes two publishes "the same arguments" (idempotency); excludes
     # tokens and secrets, which kubelet refreshes on every republish.
     fingerprint: str

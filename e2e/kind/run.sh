@@ -19,8 +19,12 @@
 #    remaining example still reads (mounts survive a driver restart), and
 #    that a new pod mounts through the restarted driver;
 # 7. deletes the remaining pods, checks that the restarted driver cleaned up
-#    after them too, and that no FUSE mount is left on the node
-#    (`docker exec <node> grep fuse /proc/self/mountinfo`).
+#    after them too;
+# 8. with the sshfs example: `kubectl apply -k examples/sshfs-pv/` (static
+#    PersistentVolumes), checks that both writer pods see each other's files
+#    through their own mounts and that the ReadOnlyMany reader's mount is
+#    read-only, deletes it all again, and checks that no FUSE mount is left
+#    on the node (`docker exec <node> grep fuse /proc/self/mountinfo`).
 #
 # Needs: docker (with the default "docker" build driver, so that FROM can
 # name a locally built image), kind, kubectl, and /dev/fuse on the host.
@@ -261,6 +265,38 @@ if ((${#remaining[@]})); then
   # cleans them up like any other.
   for example in "${remaining[@]}"; do
     wait_until 60 "$example's broker socket directory to go" check_gone "$example"
+  done
+fi
+
+if [[ " ${EXAMPLES[*]} " == *" sshfs "* ]]; then
+  PV_NAMESPACE=sshfs-pv-example
+  kp() { k --namespace "$PV_NAMESPACE" "$@"; }
+  log "static PersistentVolumes: kubectl apply -k examples/sshfs-pv/"
+  k apply -k examples/sshfs-pv/
+  kp rollout status deployment/sftp-server --timeout=300s
+  kp rollout status deployment/sshfs-pv-writer --timeout=600s
+  kp wait --for=condition=Ready pod/sshfs-pv-reader --timeout=600s
+  writers=$(kp get pods -l app.kubernetes.io/name=sshfs-pv-writer -o name)
+  [[ $(wc -w <<<"$writers") == 2 ]] || fail "sshfs-pv: expected 2 writer pods, got: $writers"
+  # Each writer wrote its own file through its own mount; each sees both.
+  for writer in $writers; do
+    for other in $writers; do
+      kp exec "$writer" -c app -- cat "/data/written-by-${other#pod/}" >/dev/null \
+        || fail "sshfs-pv: $writer does not see ${other#pod/}'s file"
+    done
+  done
+  kp exec sshfs-pv-reader -c app -- cat /data/hello.txt >/dev/null \
+    || fail "sshfs-pv: the reader cannot read /data/hello.txt"
+  reader_uid=$(kp get pod sshfs-pv-reader -o jsonpath='{.metadata.uid}')
+  node_fuse_mounts "$reader_uid" | grep -q "/sshfs-export-ro/mount ro," \
+    || fail "sshfs-pv: the ReadOnlyMany mount is not read-only: $(node_fuse_mounts "$reader_uid")"
+  pv_uids="$reader_uid $(kp get pods -l app.kubernetes.io/name=sshfs-pv-writer \
+    -o jsonpath='{.items[*].metadata.uid}')"
+  log "deleting the PersistentVolume example"
+  k delete -k examples/sshfs-pv/ --wait=true --timeout=300s
+  for uid in $pv_uids; do
+    pv_mounts_gone() { [[ -z $(node_fuse_mounts "$uid") ]]; }
+    wait_until 60 "the FUSE mounts of pod $uid to go" pv_mounts_gone
   done
 fi
 
