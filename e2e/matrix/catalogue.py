@@ -48,17 +48,25 @@ from e2e.matrix.versions import Probe, built_using, debian_upstream_version, dpk
 LIBFUSE3 = Library(
     "libfuse3", dpkg_version("libfuse3-3"), True,
     ("in proxy mode libfuse opens /dev/fuse before it runs fusermount3, and gives up if it "
-     "cannot: the container needs an openable /dev/fuse, but a dummy (here /dev/null bound "
-     "there) is enough; starter mode needs neither /dev/fuse nor a fusermount3 exec",
+     "cannot: the container needs an openable /dev/fuse, which the device plugin gives it "
+     "(here: the device node its Allocate returns); starter mode needs neither /dev/fuse "
+     "nor a fusermount3 exec",
      "libfuse >= 3.3 takes /dev/fd/N as the mountpoint: starter mode works"),
+    without_device_plugin=(
+        "starter mode (`fusermount3 --start -- PROGRAM ... /dev/fd/N`), or `-o auto_unmount` "
+        "(libfuse then runs the helper without opening /dev/fuse), or an openable dummy "
+        "/dev/fuse"),
 )  # fmt: skip
 LIBFUSE2 = Library(
     "libfuse2", dpkg_version("libfuse2"), False,
     ("libfuse2 execs fusermount, not fusermount3: install the zipapp under both names",
      "like libfuse3 it opens /dev/fuse first and gives up if it cannot: the container "
-     "needs an openable (dummy) /dev/fuse",
+     "needs an openable /dev/fuse (the device plugin's)",
      "auto_unmount goes inside -o (not --auto-unmount)",
      "no /dev/fd/N mountpoints: proxy mode only"),
+    without_device_plugin=(
+        "`-o auto_unmount` inside -o (libfuse then runs fusermount without opening /dev/fuse), "
+        "or an openable dummy /dev/fuse; no starter mode"),
 )  # fmt: skip
 
 
@@ -79,6 +87,9 @@ MERGERFS_LIBFUSE = Library(
      "(from /usr/local/bin, then PATH) before fusermount: install the zipapp under that "
      "name too, or the host's real helper answers and refuses",
      "given /dev/fd/N it leaves the starter's mount unserved: proxy mode only"),
+    without_device_plugin=(
+        "an openable dummy /dev/fuse, as for libfuse2 (its fork is libfuse 2.9.7's code; "
+        "not run here without the device plugin)"),
 )  # fmt: skip
 JACOBSA = Library(
     "jacobsa/fuse", debian_upstream_version("golang-github-jacobsa-fuse-dev"), False,

@@ -18,7 +18,7 @@ from typing import Any
 
 from e2e.matrix.catalogue import CANNOT_WORK, IMPLEMENTATIONS
 from e2e.matrix.result import CHECKS, FAIL, NOT_RUN, PASS, REFUSED, Result, failed
-from e2e.matrix.row import READER_UID
+from e2e.matrix.row import DATA, PROXY, READER_UID
 
 
 def machine() -> dict[str, str]:
@@ -83,6 +83,21 @@ def summary(results: Sequence[Result], out: Callable[[str], None], elapsed: floa
         f"{skipped} not run, in {elapsed:.1f} s")  # fmt: skip
 
 
+def command_line(name: str) -> str:
+    """A row's proxy-mode command line as a pod spec would write it.
+
+    The mountpoint is the volume's path in the container; libfuse's examples
+    and e2e/fs's scripts are shown by name; a value the row's setup supplies
+    stays a placeholder, e.g. {bucket}.
+    """
+    (impl,) = [i for i in IMPLEMENTATIONS if i.name == name]
+    words = [
+        word.replace("{mnt}", DATA).replace("{examples}/", "").replace("{fs}/", "")
+        for word in impl.argv
+    ]
+    return " ".join(words)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -90,6 +105,7 @@ def _cell(text: str) -> str:
 MARKDOWN_TITLE = "# FUSE compatibility matrix"
 RESULTS_HEADING = "## Results"
 CANNOT_WORK_HEADING = "## Programs that cannot work"
+COMMAND_LINES_HEADING = "## Command lines with and without the device plugin"
 RESULTS_HEADER = (
     "| Filesystem | Version | FUSE library | Mode | Result | Mount removed after SIGKILL by "
     "| Notes |"
@@ -99,6 +115,7 @@ RESULTS_HEADER = (
 def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
     info = machine()
     libraries: dict[str, tuple[str, ...]] = {}
+    library_of = {impl.name: impl.library for impl in IMPLEMENTATIONS}
     for impl in IMPLEMENTATIONS:
         libraries.setdefault(impl.library.name, impl.library.notes)
     cannot_work = {item.name for item in CANNOT_WORK}
@@ -119,7 +136,11 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
         "mergerfs's `mergerfs-fusermount`) is the csi-async zipapp, in native mode (the "
         "broker socket at the zipapp's default path). "
         "**proxy** mode runs the program as usual; **starter** mode runs "
-        "`fusermount3 --start -- PROGRAM ... /dev/fd/N`. The checks, in order:",
+        "`fusermount3 --start -- PROGRAM ... /dev/fd/N`. In proxy mode the program's "
+        "container has exactly the device node that csi-async's device plugin answers "
+        "Allocate with (`/dev/fuse`, given to the pod's user as containerd's "
+        "`device_ownership_from_security_context` does); in starter mode it has no "
+        "`/dev/fuse` at all. The checks, in order:",
         "",
         "- **mount**: the program mounts the volume (through the broker, `nosuid,nodev`, "
         "owned by uid 65534);",
@@ -147,6 +168,21 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
     lines += ["", "## Notes by FUSE library", ""]
     for name, notes in libraries.items():
         lines.append(f"- **{name}**: {'; '.join(notes)}.")
+    proxy_rows = [r for r in ran if r.mode == PROXY]
+    lines += ["", COMMAND_LINES_HEADING, "",
+              "With the device plugin (the FUSE container asks for "
+              "`resources.limits: {fuse.csi-async.dev/fuse: 1}`), each program runs the "
+              "command line of its proxy row, unchanged: the matrix runs it so. Without the "
+              "plugin a pod has no /dev/fuse, and programs whose library opens it first need "
+              "a change:", "",
+              "| Filesystem | FUSE library | command line (proxy row) "
+              "| without the device plugin |",
+              "| --- | --- | --- | --- |"]  # fmt: skip
+    for r in proxy_rows:
+        lines.append(
+            f"| {_cell(r.name)} | {_cell(library_of[r.name].name)} | "
+            f"`{_cell(command_line(r.name))}` | {_cell(library_of[r.name].without_device_plugin)} |"
+        )
     if refused:
         lines += ["", CANNOT_WORK_HEADING, "",
                   "The matrix runs each of these too, as a pod would, and checks that it exits "
@@ -163,6 +199,12 @@ def to_markdown(results: Sequence[Result], command: str, elapsed: float) -> str:
         times = [f"{r.timings[c] * 1000:.0f}" if c in r.timings else "-" for c in CHECKS]
         lines.append(f"| {r.name} | {r.mode} | {' | '.join(times)} | {r.total * 1000:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _is_fact_line(section: str, line: str) -> bool:
+    if section == COMMAND_LINES_HEADING:
+        return line.startswith("| ") and "---" not in line
+    return section in ("## Notes by FUSE library", "## Not run here") and line.startswith("- ")
 
 
 def comparable(markdown: str) -> list[tuple[str, ...]]:
@@ -187,6 +229,6 @@ def comparable(markdown: str) -> list[tuple[str, ...]]:
         elif section == CANNOT_WORK_HEADING and line.startswith("- "):
             # Not the version in parentheses.
             facts.append((section, re.sub(r" \([^)]*\):", ":", line, count=1)))
-        elif section in ("## Notes by FUSE library", "## Not run here") and line.startswith("- "):
+        elif _is_fact_line(section, line):
             facts.append((section, line))
     return facts

@@ -78,6 +78,9 @@ class Library:
     version: Probe
     takes_dev_fd: bool  # accepts an already-mounted /dev/fd/N mountpoint (starter mode)
     notes: tuple[str, ...] = ()
+    # What a pod must change in the program's command line (or its pod) when
+    # the node serves no /dev/fuse device plugin; with one, nothing changes.
+    without_device_plugin: str = "nothing: it never opens /dev/fuse itself"
 
 
 @dataclass(frozen=True)

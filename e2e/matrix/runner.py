@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from csi_async._proto import v1beta1 as dp
+from csi_async.deviceplugin.devices import ID_PREFIX, FuseDevices
 from e2e.kubelet import Pod
 from e2e.matrix.catalogue import select, select_cannot_work
 from e2e.matrix.result import FAIL, NOT_RUN, PASS, REFUSED, CheckFailed, Result
@@ -54,7 +56,7 @@ from e2e.matrix.row import (
 )
 from e2e.matrix.services import Services
 from e2e.node import FuseVolume, Node
-from e2e.sandbox import NOBODY, Container, PodSandbox
+from e2e.sandbox import NOBODY, Container, DeviceSpec, PodSandbox
 
 FS_SCRIPTS_ON_HOST = Path(__file__).resolve().parent.parent / "fs"
 TIMEOUT = 15.0  # for each wait of each check
@@ -124,7 +126,9 @@ class Run:
         assert self.volume is not None
         self.instance += 1
         self.stderr = self.ws.path / f"program-{self.instance}.stderr"
-        sandbox = self._sandbox({**self.volume.binds(DATA), **self.served.binds})
+        sandbox = self._sandbox(
+            {**self.volume.binds(DATA), **self.served.binds}, **program_devices(self.mode)
+        )
         argv = self.impl.command(self.mode, self.served.values)
         with self.stderr.open("wb") as err:
             return sandbox.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -373,6 +377,30 @@ def run_implementation(
         shutil.rmtree(ws.path, ignore_errors=True)
 
 
+def program_devices(mode: str) -> dict[str, Any]:
+    """The FUSE program's container's devices: what a pod gets in each mode.
+
+    proxy: the pod asks for the device plugin's resource, and the runtime makes
+    exactly the device nodes that the plugin's own Allocate answers (csi_async's
+    FuseDevices, the code kubelet talks to). The node's /dev/fuse is 0600 here
+    (no udev rule), so the node goes to the pod's user, as containerd's
+    device_ownership_from_security_context does. starter: no /dev/fuse at all;
+    the starter needs none.
+    """
+    if mode != PROXY:
+        return {"dummy_dev_fuse": False}
+    request = dp.AllocateRequest(
+        container_requests=[dp.ContainerAllocateRequest(devices_ids=[f"{ID_PREFIX}0"])]
+    )
+    (answer,) = FuseDevices(count=1).allocate(request).container_responses
+    devices = [DeviceSpec(d.container_path, d.host_path, d.permissions) for d in answer.devices]
+    return {
+        "dummy_dev_fuse": False,
+        "device_ownership_from_security_context": True,
+        "devices": devices,
+    }
+
+
 def _refused(node: Node, item: CannotWork, ws: Workspace) -> str:
     """Run the program in a pod of its own; it must exit without reaching the broker."""
     pod = Pod(f"{item.name}-cannot-work")
@@ -380,7 +408,8 @@ def _refused(node: Node, item: CannotWork, ws: Workspace) -> str:
     sandboxes: list[PodSandbox] = []
     try:
         served = item.setup(ws)
-        sandbox = node.sandbox({**volume.binds(DATA), **served.binds})
+        # With the device plugin's /dev/fuse: even a real device node does not help.
+        sandbox = node.sandbox({**volume.binds(DATA), **served.binds}, **program_devices(PROXY))
         sandboxes.append(sandbox)
         stderr = ws.path / "program.stderr"
         with stderr.open("wb") as err:
