@@ -295,7 +295,13 @@ class KubeletEmulator:
 
     def volume_context(self, pod: Pod, volume_attributes: Mapping[str, str]) -> dict[str, str]:
         """csi.volumeAttributes merged with pod info; pod info wins (kubelet's mergeMap)."""
-        context = dict(volume_attributes)
+        return self._with_pod_info(pod, volume_attributes, ephemeral=True)
+
+    def _with_pod_info(
+        self, pod: Pod, attributes: Mapping[str, str], *, ephemeral: bool
+    ) -> dict[str, str]:
+        """kubelet's mergeMap(attributes, getPodInfoAttrs(pod, lifecycle mode))."""
+        context = dict(attributes)
         if self.pod_info_on_mount:
             context.update(
                 {
@@ -303,7 +309,7 @@ class KubeletEmulator:
                     KEY_POD_NAMESPACE: pod.namespace,
                     KEY_POD_UID: pod.uid,
                     KEY_SERVICE_ACCOUNT: pod.service_account,
-                    KEY_EPHEMERAL: "true",
+                    KEY_EPHEMERAL: "true" if ephemeral else "false",
                 }
             )
         return context
@@ -334,18 +340,7 @@ class KubeletEmulator:
 
     def pv_volume_context(self, pod: Pod, pv: PersistentVolume) -> dict[str, str]:
         """spec.csi.volumeAttributes merged with pod info, ephemeral "false"."""
-        context = dict(pv.volume_attributes)
-        if self.pod_info_on_mount:
-            context.update(
-                {
-                    KEY_POD_NAME: pod.name,
-                    KEY_POD_NAMESPACE: pod.namespace,
-                    KEY_POD_UID: pod.uid,
-                    KEY_SERVICE_ACCOUNT: pod.service_account,
-                    KEY_EPHEMERAL: "false",
-                }
-            )
-        return context
+        return self._with_pod_info(pod, pv.volume_attributes, ephemeral=False)
 
     def build_pv_publish_request(
         self,
@@ -525,12 +520,7 @@ class KubeletEmulator:
                 fs_group=fs_group,
                 secrets=secrets,
             )
-            try:
-                self.call("/csi.v1.Node/NodePublishVolume", request, NodePublishVolumeResponse)
-            except CsiError as e:
-                if e.final:
-                    self.remove_mount_dir(target)
-                raise
+            self._publish_or_remove_mount_dir(target, request)
             return PublishedVolume(pod, volume_name, request.volume_id, target, request)
 
         return self._with_retries(attempt) if retries else attempt()
@@ -580,12 +570,7 @@ class KubeletEmulator:
             self.node_capabilities()  # VOLUME_MOUNT_GROUP check
             caps = self.node_capabilities()  # the access-mode mapper in the client
             request = self.build_pv_publish_request(pod, pv, readonly, node_capabilities=caps)
-            try:
-                self.call("/csi.v1.Node/NodePublishVolume", request, NodePublishVolumeResponse)
-            except CsiError as e:
-                if e.final:
-                    self.remove_mount_dir(target)
-                raise
+            self._publish_or_remove_mount_dir(target, request)
             return PublishedVolume(pod, pv.name, request.volume_id, target, request)
 
         try:
@@ -715,6 +700,15 @@ class KubeletEmulator:
         if vol_data.get("volumeLifecycleMode") == "Persistent":
             self._release_device(pod, volume_id)
         return removed
+
+    def _publish_or_remove_mount_dir(self, target: Path, request: NodePublishVolumeRequest) -> None:
+        """NodePublishVolume; a final error removes the mount dir (csiMountMgr.SetUpAt)."""
+        try:
+            self.call("/csi.v1.Node/NodePublishVolume", request, NodePublishVolumeResponse)
+        except CsiError as e:
+            if e.final:
+                self.remove_mount_dir(target)
+            raise
 
     def remove_mount_dir(self, target: Path) -> bool:
         """kubelet's removeMountDir. Returns False (and removes nothing) if still mounted."""
