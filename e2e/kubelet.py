@@ -14,8 +14,9 @@ plugin (pkg/volume/csi, see docs in /work/shared/reference/csi-and-kubelet.md §
   is retried with exponential backoff starting at 500 ms, like the volume
   manager's reconciler, within a bounded total time;
 * TearDown: NodeUnpublishVolume(volume id, target path), then removeMountDir:
-  only if `mount` is no longer a mount point (from mountinfo; kubelet never
-  stats into it) are `mount` (rmdir), vol_data.json and the volume dir removed;
+  only if `mount` is no longer a mount point (mount-utils'
+  IsLikelyNotMountPoint: a stat into it against an lstat of its parent) are
+  `mount` (rmdir), vol_data.json and the volume dir removed;
 * a pod's volumes (publish_volumes) are set up the way the volume manager's
   reconciler does it: one goroutine per volume, all at once, started in a
   random order (a real kubelet v1.36 sent the socket volume first for one pod
@@ -88,7 +89,6 @@ from csi_async._proto.csi.v1 import (
     VolumeCapabilityMountVolume,
 )
 from e2e.csi_client import CsiClient
-from e2e.mounts import is_mount_point
 
 M = TypeVar("M", bound=betterproto2.Message)
 T = TypeVar("T")
@@ -711,8 +711,24 @@ class KubeletEmulator:
             raise
 
     def remove_mount_dir(self, target: Path) -> bool:
-        """kubelet's removeMountDir. Returns False (and removes nothing) if still mounted."""
-        if is_mount_point(target):
+        """kubelet's removeMountDir. Returns False (and removes nothing) if still mounted.
+
+        Its isDirMounted is mount-utils' IsLikelyNotMountPoint: stat() of the
+        target, which follows into whatever is mounted there (a live FUSE
+        daemon is asked; a hung one would hang kubelet), against lstat() of
+        its parent; a different st_dev is a mount. A stat error other than
+        ENOENT (ENOTCONN on a dead FUSE mount) fails the teardown, which
+        kubelet retries: here, False. A bind mount from the same filesystem
+        has the same st_dev and passes; the rmdir then fails with EBUSY,
+        which fails kubelet's teardown too: here, OSError.
+        """
+        try:
+            mounted = os.stat(target).st_dev != os.lstat(target.parent).st_dev
+        except FileNotFoundError:
+            mounted = False
+        except OSError:
+            return False
+        if mounted:
             return False
         for remove, path in (
             (os.rmdir, target),

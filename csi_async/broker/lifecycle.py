@@ -91,6 +91,12 @@ class ActiveMount:
 class MountLifecycle:
     """A volume's FUSE mount (at most one at a time) and everything done to it."""
 
+    # One per published FUSE volume: no per-instance dict (docs/performance.md, P4).
+    __slots__ = (
+        "_active", "_adopted_daemons", "_limits", "_policy", "_records", "_root", "_tasks",
+        "_waits", "lock", "target",
+    )  # fmt: skip
+
     def __init__(
         self,
         *,

@@ -33,6 +33,12 @@ log = logging.getLogger("csi_async.broker")
 
 
 class VolumeBroker:
+    # One per published FUSE volume: no per-instance dict (docs/performance.md, P4).
+    __slots__ = (
+        "_bound", "_cancel_scope", "_connections", "_done", "_limits", "_mounts", "_policy",
+        "target",
+    )  # fmt: skip
+
     def __init__(
         self,
         *,
