@@ -46,12 +46,15 @@ def _bind_endpoint(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    # Only root (kubelet, the registrar) may talk to the CSI socket.
-    previous = os.umask(0o177)
     try:
         sock.bind(path)
-    finally:
-        os.umask(previous)
+        # Only root (kubelet, the registrar) may talk to the CSI socket. chmod, not
+        # umask: the umask is the process's, and worker threads may be making files.
+        # Nobody can connect before the server listens, so there is no window.
+        os.chmod(path, 0o600)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 

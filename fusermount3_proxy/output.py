@@ -41,7 +41,8 @@ _LIBFUSE2_USAGE = _HELPER_USAGE.replace("...]    mount", "...]   mount") + _MODE
 # The libfuse version callers see. The csi-async version rides along so that
 # "fusermount3 -V" in a FUSE image tells which drop-in is installed.
 FUSERMOUNT_VERSION = "3.18.0"
-# What Debian 12's mergerfs-fusermount (mergerfs 2.33.5) prints for -V.
+# What Debian 12's mergerfs-fusermount prints for -V (the mergerfs 2.33.5 package:
+# its bundled helper still names the fork it came from, 2.30.0).
 MERGERFS_FUSERMOUNT_VERSION = "fusermount version: 2.9.7-mergerfs_2.30.0"
 
 

@@ -772,6 +772,13 @@ def persistent_volume_problems(
             )
         if csi.get("fsType", "") not in ("", "fuse"):
             problems.append(f"{where}: spec.csi.fsType must be empty")
+        ref = spec.get("claimRef") or {}
+        if not ref.get("name") or not ref.get("namespace"):
+            # Unreserved, any namespace's claim may bind it, a generic ephemeral
+            # volume's included: a pod author would get the administrator's options.
+            problems.append(
+                f"{where}: spec.claimRef must name the one claim (and namespace) the PV is for"
+            )
     claims: dict[str, dict[str, Obj]] = {}
     for source in sources:
         obj = source.obj

@@ -9,8 +9,10 @@ through the broker with the command lines they have anywhere else.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -225,6 +227,48 @@ def test_a_refused_registration_is_retried_until_kubelet_accepts(node: Node) -> 
     ]
     assert [e["retry_in_s"] for e in failed[:2]] == [1.0, 2.0]
     assert "is not supported" in str(failed[0]["error"])
+
+
+def test_a_directory_it_cannot_listen_in_is_logged_once_per_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "device-plugins"
+    blocked.write_text("a file where the directory should be")
+    plugin = DevicePlugin(blocked, RESOURCE, FuseDevices(1))
+
+    async def three_looks() -> None:
+        for _ in range(3):
+            await plugin.check_logged()
+
+    with caplog.at_level(logging.DEBUG, logger="csi_async.deviceplugin"):
+        anyio.run(three_looks)
+    levels = [r.levelno for r in caplog.records if "cannot listen" in r.getMessage()]
+    assert levels == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+
+
+def test_the_driver_is_ready_and_stops_cleanly_while_kubelet_never_answers_register() -> None:
+    """A kubelet that accepts the connection and never answers must not hold up the driver."""
+    root = Path(tempfile.mkdtemp(prefix="csi-async-dp-"))
+    plugin_dir = root / "kubelet" / "device-plugins"
+    plugin_dir.mkdir(parents=True)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.bind(str(plugin_dir / "kubelet.sock"))
+        silent.listen(8)  # connections queue; nothing ever reads or answers them
+        driver = DriverProcess(root, root / "kubelet").start()
+        try:
+            assert driver.client.call("/csi.v1.Identity/Probe", csi.ProbeRequest()).ready
+            # Ready while the Register call is still waiting (its 15 s timeout has
+            # not fired: no failure is logged yet), so readiness did not wait for it.
+            messages = [e.get("msg") for e in driver.log_entries()]
+            assert "serving" in messages
+            assert "device plugin registration failed; retrying" not in messages
+        finally:
+            assert driver.stop(signal.SIGTERM) == 0
+        assert not (plugin_dir / "fuse.csi-async.dev_fuse.sock").exists()
+    finally:
+        silent.close()
+        subprocess.run(["rm", "-rf", str(root)], check=True)
 
 
 def test_sigterm_ends_the_stream_and_removes_the_socket_and_off_means_no_plugin() -> None:

@@ -333,6 +333,10 @@ def _claim_takes_the_default_class(docs: list[Doc]) -> None:
     del _kind(docs, "PersistentVolumeClaim", "sshfs-export")["spec"]["storageClassName"]
 
 
+def _pv_reserved_for_nobody(docs: list[Doc]) -> None:
+    del _kind(docs, "PersistentVolume", "sshfs-export")["spec"]["claimRef"]
+
+
 def _claim_wants_more_than_the_pv(docs: list[Doc]) -> None:
     claim = _kind(docs, "PersistentVolumeClaim", "sshfs-export-ro")
     claim["spec"]["accessModes"] = ["ReadWriteMany"]
@@ -368,6 +372,8 @@ BROKEN: dict[str, tuple[str, Callable[[list[Doc]], None], str]] = {
     "claim without the PV's class": (
         "examples/sshfs-pv/volumes.yaml", _claim_takes_the_default_class,
         "storageClassName must be the PV's"),
+    "PV reserved for no claim": (
+        "examples/sshfs-pv/volumes.yaml", _pv_reserved_for_nobody, "spec.claimRef must name"),
     "claim wants more than its PV": (
         "examples/sshfs-pv/volumes.yaml", _claim_wants_more_than_the_pv, "are not the PV's"),
     "PV-backed volume nobody mounts": (

@@ -155,6 +155,13 @@ def test_a_persistent_volume_s_options_win_over_the_program_s() -> None:
     )
 
 
+def test_a_persistent_volume_s_rw_does_not_undo_the_program_s_ro() -> None:
+    # "PV wins" restricts the program's mount; it never widens it to writable.
+    assert plan(program="ro", volume="rw", persistent=True).read_only
+    assert not plan(program="", volume="rw", persistent=True).read_only
+    assert not plan(program="rw", volume="rw", persistent=True).read_only
+
+
 @given(st.lists(st.text(max_size=40), max_size=12))
 def test_no_option_list_can_reach_a_reserved_key(tokens: list[str]) -> None:
     try:

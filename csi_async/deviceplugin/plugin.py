@@ -87,37 +87,48 @@ class DevicePlugin:
         self._failed_with: FileId | None = None
         self._backoff = 1.0
         self._next_attempt = 0.0
+        # The last failure to listen, logged once until it changes or listening works.
+        self._listen_error: str | None = None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve and stay registered until cancelled; then stop listening and remove the socket.
 
-        Reports started after the first look (listening, and registered if kubelet is
-        up). A directory it cannot listen in is logged and tried again at the next look:
-        the CSI service and the brokers do not depend on the device plugin.
+        Reports started at once: the CSI service and the brokers do not depend on the
+        device plugin, and the driver's start (its readiness, its SIGTERM handler) must
+        not wait for kubelet to answer a Register. A directory it cannot listen in is
+        logged and tried again at the next look.
         """
+        task_status.started()
         try:
-            await self._check_logged()
-            task_status.started()
+            await self.check_logged()
             while True:
                 await anyio.sleep(self._poll)
-                await self._check_logged()
+                await self.check_logged()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop_listening()
 
-    async def _check_logged(self) -> None:
+    async def check_logged(self) -> None:
+        """check(), with a failure to listen logged (once per distinct reason) instead of raised."""
         try:
             await self.check()
         except OSError as err:
+            reason = f"{type(err).__name__}: {err}"
+            # Once per distinct failure, not once per poll: a directory that stays
+            # unusable would otherwise write an error line every second.
+            level = logging.DEBUG if reason == self._listen_error else logging.ERROR
+            self._listen_error = reason
             logs.log(
                 log,
-                logging.ERROR,
+                level,
                 "device plugin cannot listen; trying again",
                 socket=str(self.socket_path),
-                **{logs.ERROR: f"{type(err).__name__}: {err}"},
+                **{logs.ERROR: reason},
             )
+        else:
+            self._listen_error = None
 
     async def check(self) -> None:
         """One look at /dev/fuse, the plugin's socket and kubelet's socket."""
@@ -183,23 +194,30 @@ class DevicePlugin:
     async def _listen(self) -> None:
         self.plugin_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         if _socket_id(self.socket_path) is not None:
-            self.socket_path.unlink()  # a previous run's, or a socket kubelet left
+            # A previous run's, or a socket kubelet left; kubelet may remove it first.
+            self.socket_path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # Only root (kubelet) may talk to the plugin.
-        previous = os.umask(0o177)
         # Through the directory's fd: a deep directory would not fit in sun_path.
         dirfd = os.open(self.plugin_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            sock.bind(f"/proc/self/fd/{dirfd}/{self.socket_path.name}")
+            path = f"/proc/self/fd/{dirfd}/{self.socket_path.name}"
+            sock.bind(path)
+            # Only root (kubelet) may talk to the plugin. chmod, not umask: the umask
+            # is the process's, and worker threads make volume directories meanwhile.
+            # Nobody can connect before the server listens, so there is no window.
+            os.chmod(path, 0o600)
         except OSError:
             sock.close()
             raise
         finally:
-            os.umask(previous)
             os.close(dirfd)
         self._bound = _socket_id(self.socket_path)
         server = Server([self._service])
-        await server.start(sock=sock)
+        try:
+            await server.start(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self._server = server
 
     async def _stop_listening(self) -> None:
@@ -210,5 +228,5 @@ class DevicePlugin:
             with anyio.move_on_after(STOP_TIMEOUT):
                 await server.wait_closed()
         if self._bound is not None and _socket_id(self.socket_path) == self._bound:
-            self.socket_path.unlink()
+            self.socket_path.unlink(missing_ok=True)  # kubelet may remove it first
         self._bound = None

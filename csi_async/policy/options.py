@@ -208,15 +208,20 @@ def plan_mount(
     are the administrator's: they are applied once more after the program's,
     so each option the PV sets wins (a program's `exec` does not undo the
     PV's `noexec`), and only they may use the node's persistent-only options.
+    One exception: a program that asks for `ro` gets a read-only mount even
+    on a PV that says `rw` (a writable mount its daemon did not ask for
+    would be the PV widening, not restricting, the program's mount).
     """
     draft = _Draft()
     for token in volume_options:
         _apply(token, draft, policy, administrator=persistent)
     for token in program_options:
         _apply(token, draft, policy, administrator=False)
+    program_read_only = draft.read_only
     if persistent:
         for token in volume_options:
             _apply(token, draft, policy, administrator=True)
+        draft.read_only = draft.read_only or program_read_only
     flags: list[str] = []
     if policy.allow_other or draft.allow_other:
         # The node's decision (or the PV administrator's), not the pod's:
