@@ -102,10 +102,10 @@ class Settings(BaseModel):
         description="Serve kubelet's device plugin API: pods that ask for the resource get "
         "/dev/fuse, so FUSE programs run with their ordinary command lines.",
     )
-    device_plugin_dir: Path = Field(
-        default=Path("/var/lib/kubelet/device-plugins"),
+    device_plugin_dir: Path | None = Field(
+        default=None,
         description="kubelet's device plugin directory (kubelet.sock is there); the plugin's "
-        "socket goes there too.",
+        "socket goes there too. Default: device-plugins in the kubelet root.",
     )
     device_plugin_resource: str = Field(
         default=DEFAULT_DEVICE_RESOURCE,
@@ -180,6 +180,13 @@ class Settings(BaseModel):
     @property
     def socket_path(self) -> str:
         return self.endpoint.removeprefix("unix://")
+
+    @property
+    def device_plugin_directory(self) -> Path:
+        """--device-plugin-dir, or kubelet's own (pluginapi.DevicePluginPath) below its root."""
+        if self.device_plugin_dir is not None:
+            return self.device_plugin_dir
+        return self.kubelet_root / "device-plugins"
 
 
 def env_vars(name: str) -> tuple[str, ...]:

@@ -138,7 +138,7 @@ async def serve(settings: Settings) -> None:
         device_plugin = anyio.CancelScope()
         if settings.device_plugin:
             plugin = DevicePlugin(
-                settings.device_plugin_dir,
+                settings.device_plugin_directory,
                 settings.device_plugin_resource,
                 FuseDevices(settings.device_plugin_devices),
             )

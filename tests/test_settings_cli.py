@@ -186,7 +186,7 @@ def test_a_flag_wins_over_the_environment(parse: Any, name: str) -> None:
     # A valid value other than the flag's, so that reading it would show.
     other = {
         "node_id": "from-env", "allow_other": "on", "audit_log": "/srv/other.log",
-        "metrics_address": ":1",
+        "metrics_address": ":1", "device_plugin_dir": "/srv/other-dp",
     }.get(name, str(Settings.model_fields[name].default))  # fmt: skip
     env = {variable: other for variable in env_vars(name)}
     node = [] if name == "node_id" else ["--node-id", "n"]
@@ -335,3 +335,10 @@ def test_serve_execs_into_a_serving_process_without_click_or_openssl(tmp_path: P
         for library in ("libssl", "libcrypto", "_ssl.", "_hashlib."):
             assert library not in mapped, f"the driver loaded {library}"
     assert driver.process.returncode == 0
+
+
+def test_the_device_plugin_dir_follows_the_kubelet_root_unless_given(parse: Any) -> None:
+    moved = parse(["--node-id", "n", "--kubelet-root", "/var/lib/k0s/kubelet"])
+    assert moved.device_plugin_directory == Path("/var/lib/k0s/kubelet/device-plugins")
+    given = parse(["--node-id", "n", "--device-plugin-dir", "/srv/dp"])
+    assert given.device_plugin_directory == Path("/srv/dp")
