@@ -72,8 +72,6 @@ class ActiveMount:
     mount_fd: int
     # What the client knows this mount by (see _mount_tokens).
     token: int
-    # The kernel's id, for logs and mountinfo lookups.
-    kernel_mount_id: int
     # The minor of the FUSE superblock's device: its /sys/fs/fuse/connections entry.
     minor: int
     uid: int
@@ -147,7 +145,6 @@ class MountLifecycle:
         self._active = ActiveMount(
             mount_fd,
             saved.token if saved is not None else next(_mount_tokens),
-            entry.mount_id,
             entry.minor,
             int(owner.get("user_id", "0")),
             int(owner.get("group_id", "0")),
@@ -238,7 +235,7 @@ class MountLifecycle:
             await framing.send_frame(conn, frame, made.fuse_fd, protocol.READ_TIMEOUT)
             watch = anyio.CancelScope()
             self._active = ActiveMount(
-                made.mount_fd, token, made.mount_id, made.minor, peer.uid, peer.gid, watch,
+                made.mount_fd, token, made.minor, peer.uid, peer.gid, watch,
                 mountpoint=request["mountpoint"],
             )  # fmt: skip
             delivered = True

@@ -53,8 +53,7 @@ class FuseMount:
 
     fuse_fd: int
     mount_fd: int
-    mount_id: int
-    major: int
+    # The FUSE superblock's device minor (its /sys/fs/fuse/connections entry).
     minor: int
 
 
@@ -72,7 +71,7 @@ def mount_fuse(target_fd: int, target_path: str, spec: FuseMountSpec) -> FuseMou
 
     target_fd must be an O_PATH directory fd obtained by a no-symlink walk;
     the mount lands on that inode whatever happens to the path meanwhile.
-    target_path is only used to find the new mount's id in mountinfo.
+    target_path is only used to find the new mount's device minor in mountinfo.
     """
     fuse_fd = open_fuse_device()
     fs_fd = mount_fd = -1
@@ -99,8 +98,7 @@ def mount_fuse(target_fd: int, target_path: str, spec: FuseMountSpec) -> FuseMou
             attrs |= sc.MOUNT_ATTR_RDONLY
         mount_fd = sc.fsmount(fs_fd, attrs)
         sc.move_mount_onto_fd(mount_fd, target_fd)
-        entry = _topmost_mount(target_path)
-        return FuseMount(fuse_fd, mount_fd, entry[0], entry[1], entry[2])
+        return FuseMount(fuse_fd, mount_fd, _topmost_minor(target_path))
     except BaseException:
         if mount_fd >= 0:
             _detach_fd(mount_fd)
@@ -112,12 +110,13 @@ def mount_fuse(target_fd: int, target_path: str, spec: FuseMountSpec) -> FuseMou
             os.close(fs_fd)
 
 
-def _topmost_mount(path: str) -> tuple[int, int, int]:
+def _topmost_minor(path: str) -> int:
+    # From mountinfo, not an fstat of the new root: that could be a FUSE
+    # request, and no daemon serves this mount yet.
     stacked = mounts_at(path)
     if not stacked:
         raise OSError(errno.EIO, f"mount at {path} vanished right after it was made")
-    top = stacked[-1]
-    return top.mount_id, top.major, top.minor
+    return stacked[-1].minor
 
 
 def _detach_fd(mount_fd: int) -> None:
